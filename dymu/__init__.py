@@ -1,0 +1,35 @@
+"""DyMU: Dynamic Merging (DToMe) and Virtual Unmerging (VTU) for efficient vision-language models.
+
+Training-free: DToMe merges similar tokens inside the vision encoder with per-layer similarity
+thresholds; VTU lets a RoPE language model run its per-token layers on the merged sequence while
+attention reproduces the full-length sequence. Paper: Wang et al., arXiv 2504.17040.
+"""
+
+from .merge import FixedRRule, ThresholdRule, TokenState, constant_schedule
+from .patch import apply_dtome, apply_vtu, find_decoder, find_vision_tower, layers_to_run, remove
+from .patch.vit import DToMeEncoderOutput, DToMeVisionOutput
+from .thresholds import BatchBudgetRule, Thresholds, ThresholdsError, encoder_fingerprint, find_thresholds
+from .vtu import VTUInputs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "apply_dtome",
+    "apply_vtu",
+    "remove",
+    "Thresholds",
+    "ThresholdsError",
+    "find_thresholds",
+    "encoder_fingerprint",
+    "VTUInputs",
+    "TokenState",
+    "ThresholdRule",
+    "FixedRRule",
+    "BatchBudgetRule",
+    "constant_schedule",
+    "layers_to_run",
+    "find_vision_tower",
+    "find_decoder",
+    "DToMeEncoderOutput",
+    "DToMeVisionOutput",
+]

@@ -1,0 +1,310 @@
+"""DToMe kernels: bipartite matching, edge selection, size-weighted merging, group bookkeeping.
+
+Pure tensor functions (torch only), host-agnostic. Method: DyMU paper (arXiv 2504.17040) Sec. 3.1 and
+``docs/dymu-method.md`` Sec. 1; the bipartite split and size-weighted mean follow ToMe (Bolya et al., 2023).
+
+Shapes used throughout:
+    B   images (or crops) in the batch
+    N   current tokens per image (padded to the longest image in the batch)
+    N0  tokens per image before any merging (577 for CLIP ViT-L/14-336, CLS included)
+    Na  A-set size = ceil(N / 2) (even positions), Nb = floor(N / 2) (odd positions)
+    C   channels, D metric width
+
+A :class:`TokenState` travels with the hidden states through the encoder. Padding is always at the end
+of each image's row, so the even/odd split of the valid prefix is the same with or without padding:
+results for an image never depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+__all__ = [
+    "TokenState",
+    "bipartite_match",
+    "select_above_threshold",
+    "select_top_r",
+    "select_batch_top",
+    "merge_tokens",
+    "attention_bias",
+    "MergeRule",
+    "ThresholdRule",
+    "FixedRRule",
+    "constant_schedule",
+]
+
+
+@dataclass
+class TokenState:
+    """Bookkeeping for the current (merged) tokens of a batch.
+
+    Attributes:
+        sizes: ``(B, N)`` float32, how many original tokens each current token holds (1 before merging;
+            0 for padding). Sums to ``N0`` per image.
+        group_ids: ``(B, N0)`` long, for every original token the index of the current token holding it.
+            The groups partition the original tokens.
+        padding_mask: ``(B, N)`` bool, True for real tokens; ``None`` while no image has padding.
+        merged: True once any token of the batch has been merged (from then on attention gets the
+            proportional log-size bias).
+    """
+
+    sizes: torch.Tensor
+    group_ids: torch.Tensor
+    padding_mask: torch.Tensor | None = None
+    merged: bool = False
+
+    @classmethod
+    def initial(cls, batch_size: int, num_tokens: int, device: torch.device | str | None = None) -> "TokenState":
+        """State of an unmerged batch: every token its own group of size 1, no padding."""
+        sizes = torch.ones(batch_size, num_tokens, device=device, dtype=torch.float32)
+        group_ids = torch.arange(num_tokens, device=device).expand(batch_size, num_tokens).clone()
+        return cls(sizes=sizes, group_ids=group_ids)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``(B,)`` long, number of real tokens per image."""
+        if self.padding_mask is None:
+            return torch.full((self.sizes.shape[0],), self.sizes.shape[1], device=self.sizes.device, dtype=torch.long)
+        return self.padding_mask.sum(-1)
+
+
+def bipartite_match(
+    metric: torch.Tensor,
+    padding_mask: torch.Tensor | None = None,
+    protect_first: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best B-partner of every A-token (A = even positions, B = odd positions).
+
+    Args:
+        metric: ``(B, N, D)`` similarity features (DToMe: attention keys averaged over heads). They are
+            L2-normalised here, so scores are cosine similarities, clamped to ``[-1, 1]``.
+        padding_mask: ``(B, N)`` bool, True for real tokens, or None.
+        protect_first: never merge token 0 (CLIP's CLS token).
+
+    Returns:
+        ``(scores, dst)``: ``(B, Na)`` float32 best score of each A-token (``-inf`` for protected or
+        padded A-tokens, and for A-tokens with no real B-token), and ``(B, Na)`` long index into the
+        B-set of that best partner.
+    """
+    metric = metric.float()
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a, b = metric[:, ::2], metric[:, 1::2]  # (B, Na, D), (B, Nb, D)
+    scores = (a @ b.transpose(-1, -2)).clamp_(-1.0, 1.0)  # (B, Na, Nb)
+    if padding_mask is not None:
+        scores.masked_fill_(~padding_mask[:, None, 1::2], -torch.inf)
+    best, dst = scores.max(dim=-1)  # (B, Na)
+    if padding_mask is not None:
+        best = best.masked_fill(~padding_mask[:, ::2], -torch.inf)
+    if protect_first:
+        best[:, 0] = -torch.inf
+    return best, dst
+
+
+def select_above_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """DToMe rule: merge every A-token whose best score is strictly above ``threshold``.
+
+    Args:
+        scores: ``(B, Na)`` from :func:`bipartite_match`.
+        threshold: the layer's similarity threshold ``tau_l``.
+
+    Returns:
+        ``(B, Na)`` bool merge mask.
+    """
+    return scores > threshold
+
+
+def select_top_r(scores: torch.Tensor, r: int) -> torch.Tensor:
+    """Fixed-r ToMe rule: merge each image's ``r`` best edges (fewer if it has fewer candidates).
+
+    Ties are broken by ``torch.topk`` (deterministic for a given input).
+
+    Args:
+        scores: ``(B, Na)`` from :func:`bipartite_match`; ``-inf`` entries are never selected.
+        r: edges to merge per image.
+
+    Returns:
+        ``(B, Na)`` bool merge mask.
+    """
+    r = min(int(r), scores.shape[1])
+    selected = torch.zeros_like(scores, dtype=torch.bool)
+    if r <= 0:
+        return selected
+    idx = scores.topk(r, dim=-1).indices
+    selected.scatter_(1, idx, True)
+    return selected & torch.isfinite(scores)
+
+
+def select_batch_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibration rule: merge the batch-wide top ``k`` edges (``k = B * r_l``).
+
+    Redundant images take more of the budget than busy ones. The batch's threshold for the layer is the
+    score of the best edge that was *not* merged (the ``(k+1)``-th largest), clamped to ``>= 0``
+    (DyMU Sec. 3.1, threshold finding; ``docs/dymu-method.md`` Sec. 2).
+
+    Args:
+        scores: ``(B, Na)`` from :func:`bipartite_match`.
+        k: total edges to merge in the batch.
+
+    Returns:
+        ``((B, Na) bool merge mask, () float32 batch threshold)``. If every candidate merges, the
+        threshold is 0.
+    """
+    flat = scores.reshape(-1)
+    k = max(0, min(int(k), flat.numel()))
+    top = flat.topk(min(k + 1, flat.numel())).values if flat.numel() else flat
+    selected = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        selected[flat.topk(k).indices] = True
+        selected &= torch.isfinite(flat)
+    if top.numel() > k:
+        threshold = top[k]
+    else:
+        threshold = flat.new_tensor(-torch.inf)
+    threshold = torch.nan_to_num(threshold, neginf=0.0).clamp_min(0.0)
+    return selected.view_as(scores), threshold
+
+
+def merge_tokens(
+    x: torch.Tensor,
+    state: TokenState,
+    merge_a: torch.Tensor,
+    dst: torch.Tensor,
+) -> tuple[torch.Tensor, TokenState]:
+    """Merge the selected A-tokens into their B-partners and compact the sequence.
+
+    Size-weighted mean: ``s_b' = s_b + sum_{a->b} s_a`` and ``x_b' = (s_b x_b + sum s_a x_a) / s_b'``
+    (several A-tokens may merge into one B-token). New order per image (ToMe's convention):
+    ``[A-tokens not merged, in order] + [B-tokens, in order]``, padding last; token 0 (CLS) stays first
+    because it is A-token 0 and never merges. An image that merges nothing keeps its order.
+
+    Args:
+        x: ``(B, N, C)`` hidden states.
+        state: the batch's :class:`TokenState` (sizes ``(B, N)``).
+        merge_a: ``(B, Na)`` bool, which A-tokens merge (False for padding / protected tokens).
+        dst: ``(B, Na)`` long, B-set index of each A-token's partner.
+
+    Returns:
+        ``(x', state')`` with ``x'`` of shape ``(B, N', C)``, ``N'`` the longest new length in the batch.
+        If nothing merges anywhere, ``x`` and ``state`` are returned unchanged (same objects).
+
+    Note:
+        One host synchronisation (to size the output) per call; nothing else leaves the device.
+    """
+    bsz, n, c = x.shape
+    device = x.device
+    valid = state.padding_mask if state.padding_mask is not None else torch.ones(bsz, n, dtype=torch.bool, device=device)
+    merge_a = merge_a & valid[:, ::2]
+    n_merged = merge_a.sum(-1)  # (B,)
+    new_len = valid.sum(-1) - n_merged  # (B,)
+    stats = torch.stack([new_len.max(), new_len.min(), n_merged.sum()]).tolist()  # the one host sync
+    n_new, n_min, total_merged = (int(v) for v in stats)
+    if total_merged == 0:
+        return x, state
+
+    pos = torch.arange(n, device=device)
+    is_a = pos % 2 == 0  # (N,)
+    # Destination of every current token in the new layout, for images that merge.
+    keep = valid.clone()
+    keep[:, ::2] &= ~merge_a  # merged A-tokens disappear
+    kept_a = keep & is_a  # (B, N)
+    n_kept_a = kept_a.sum(-1, keepdim=True)  # (B, 1)
+    rank_a = kept_a.cumsum(-1) - 1  # rank among kept A-tokens
+    rank_b = (valid & ~is_a).cumsum(-1) - 1  # rank among real B-tokens
+    dest = torch.where(is_a, rank_a, n_kept_a + rank_b)  # (B, N)
+    # Images that merge nothing keep their order (ToMe does the same when it merges nothing).
+    dest = torch.where((n_merged > 0)[:, None], dest, pos.expand(bsz, n))
+    # Merged A-tokens follow their B-partner (B-token j sits at position 2j + 1).
+    partner_pos = 2 * dst + 1  # (B, Na)
+    dest_a = torch.where(merge_a, dest.gather(1, partner_pos), dest[:, ::2])
+    dest = dest.clone()
+    dest[:, ::2] = dest_a
+    dest = torch.where(valid, dest, n_new)  # padding goes to a dump slot
+
+    # Size-weighted sums in float32, accumulated into the partner slots, then compacted.
+    sizes = state.sizes
+    weighted = x.float() * sizes[..., None]  # (B, N, C)
+    out = x.new_zeros(bsz, n_new + 1, c, dtype=torch.float32)
+    out.scatter_add_(1, dest[..., None].expand(bsz, n, c), weighted)
+    new_sizes = sizes.new_zeros(bsz, n_new + 1)
+    new_sizes.scatter_add_(1, dest, sizes)
+    out, new_sizes = out[:, :n_new], new_sizes[:, :n_new]
+    new_valid = torch.arange(n_new, device=device) < new_len[:, None]
+    x_new = (out / new_sizes.clamp_min(1.0)[..., None]).to(x.dtype)
+    new_state = TokenState(
+        sizes=new_sizes,
+        group_ids=dest.gather(1, state.group_ids),
+        padding_mask=new_valid if n_min < n_new else None,
+        merged=True,
+    )
+    return x_new, new_state
+
+
+def attention_bias(state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive attention mask for proportional attention and padding.
+
+    From the first merge on, every key ``j`` gets ``log s_j`` added to its pre-softmax logit (all
+    queries, all heads; DyMU follows ToMe's proportional attention). Padding keys get the dtype's
+    minimum. Before any merge (all sizes 1, no padding) this returns ``None`` so the host's attention
+    runs exactly as unpatched.
+
+    Args:
+        state: current :class:`TokenState`.
+        dtype: dtype of the attention logits.
+
+    Returns:
+        ``(B, 1, 1, N)`` float tensor, or ``None``.
+    """
+    if not state.merged and state.padding_mask is None:
+        return None
+    bias = state.sizes.clamp_min(1.0).log()
+    if state.padding_mask is not None:
+        bias = bias.masked_fill(~state.padding_mask, torch.finfo(dtype).min)
+    return bias.to(dtype)[:, None, None, :]
+
+
+def constant_schedule(total: int, num_layers: int) -> list[int]:
+    """Split a merge budget evenly over layers: ``total // num_layers`` each, the remainder to the first layers.
+
+    Example: ``constant_schedule(483, 23) == [21] * 23`` (LLaVA-1.5's ToMe-94 / DyMU-low budget).
+
+    Raises:
+        ValueError: ``total < 0`` or ``num_layers < 1``.
+    """
+    if total < 0 or num_layers < 1:
+        raise ValueError(f"constant_schedule needs total >= 0 and num_layers >= 1, got {total}, {num_layers}.")
+    base, rest = divmod(int(total), int(num_layers))
+    return [base + (1 if i < rest else 0) for i in range(num_layers)]
+
+
+class MergeRule(Protocol):
+    """Decides, per encoder layer, which A-tokens merge.
+
+    Called as ``rule(layer, scores)`` with ``layer`` the 0-based encoder layer and ``scores`` the
+    ``(B, Na)`` output of :func:`bipartite_match`; returns a ``(B, Na)`` bool mask.
+    """
+
+    def __call__(self, layer: int, scores: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class ThresholdRule:
+    """DToMe at inference: merge every edge whose score is strictly above ``thresholds[layer]``."""
+
+    thresholds: Sequence[float]
+
+    def __call__(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
+        return select_above_threshold(scores, float(self.thresholds[layer]))
+
+
+@dataclass
+class FixedRRule:
+    """Fixed-r ToMe baseline: merge each image's ``r[layer]`` best edges."""
+
+    r: Sequence[int]
+
+    def __call__(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
+        return select_top_r(scores, int(self.r[layer]))

@@ -1,0 +1,179 @@
+"""Apply and remove DyMU on transformers models, in place (ToMe-style class swaps, no new parameters)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch.nn as nn
+from transformers.models.clip import modeling_clip
+from transformers.models.llama import modeling_llama
+
+from ..merge import FixedRRule, MergeRule, ThresholdRule
+from ..thresholds import Thresholds
+from . import llama as _llama
+from . import vit as _vit
+from ._swap import check_transformers_version, restore, swap_class
+
+__all__ = ["apply_dtome", "apply_vtu", "remove", "layers_to_run", "find_vision_tower", "find_decoder"]
+
+logger = logging.getLogger(__name__)
+
+# host encoder class -> (vision model, encoder, layer, attention) classes and whether token 0 is a CLS token
+_VIT_HOSTS = {
+    modeling_clip.CLIPVisionModel: (
+        modeling_clip.CLIPEncoder, modeling_clip.CLIPEncoderLayer, modeling_clip.CLIPAttention, True, modeling_clip
+    ),
+}
+# host decoder class -> (attention class, host module for RoPE / eager functions)
+_DECODER_HOSTS = {
+    modeling_llama.LlamaModel: (modeling_llama.LlamaAttention, modeling_llama),
+}
+
+
+def layers_to_run(num_layers: int, feature_layer: int) -> int:
+    """Encoder layers to run for a hidden-state index (``-1``: all, ``-2``: all but the last, ``k >= 1``: k).
+
+    ``hidden_states[0]`` is the embedding output, so index ``i`` is the output of layer ``i``.
+
+    Raises:
+        ValueError: the index selects the embeddings or lies outside ``[-num_layers, num_layers]``.
+    """
+    n = feature_layer % (num_layers + 1) if -num_layers - 1 <= feature_layer < 0 else feature_layer
+    if not 1 <= n <= num_layers:
+        raise ValueError(f"feature_layer {feature_layer} does not select an encoder layer output of a "
+                         f"{num_layers}-layer encoder.")
+    return n
+
+
+def find_vision_tower(model: nn.Module) -> nn.Module:
+    """The supported vision encoder inside ``model`` (the model itself, or e.g. ``model.model.vision_tower``).
+
+    Raises:
+        NotImplementedError: no supported encoder class is found (names the classes seen).
+    """
+    for module in model.modules():
+        if isinstance(module, tuple(_VIT_HOSTS)):
+            return module
+    raise NotImplementedError(
+        f"DToMe supports {[c.__name__ for c in _VIT_HOSTS]}; none found in {type(model).__name__}."
+    )
+
+
+def find_decoder(model: nn.Module) -> nn.Module:
+    """The supported RoPE decoder stack inside ``model`` (e.g. ``model.model.language_model``).
+
+    Raises:
+        NotImplementedError: no supported decoder class is found.
+    """
+    for module in model.modules():
+        if isinstance(module, tuple(_DECODER_HOSTS)):
+            return module
+    raise NotImplementedError(
+        f"VTU supports {[c.__name__ for c in _DECODER_HOSTS]}; none found in {type(model).__name__}."
+    )
+
+
+def _host_entry(module: nn.Module, table: dict):
+    for cls, entry in table.items():
+        if isinstance(module, cls):
+            return entry
+    raise NotImplementedError(f"{type(module).__name__} is not supported by DyMU.")
+
+
+def apply_dtome(
+    model: nn.Module,
+    thresholds: Thresholds | MergeRule | None = None,
+    *,
+    tome_r: list[int] | None = None,
+    feature_layer: int | None = None,
+) -> nn.Module:
+    """Patch the vision encoder of ``model`` in place with DToMe (or fixed-r ToMe).
+
+    Args:
+        model: a ``CLIPVisionModel`` or a model containing one (``LlavaForConditionalGeneration``).
+        thresholds: per-layer thresholds (:class:`~dymu.Thresholds`, validated against the encoder), or
+            any merge rule callable ``rule(layer, scores) -> mask``.
+        tome_r: instead of thresholds, the fixed-r ToMe baseline with per-layer budgets ``r_l``.
+        feature_layer: hidden-state index that feeds the LLM; layers after it are not run. Default: the
+            LLaVA config's ``vision_feature_layer`` if ``model`` is a LLaVA model, else -1.
+
+    Returns:
+        ``model`` (patched in place). The vision tower then returns
+        :class:`~dymu.patch.vit.DToMeVisionOutput`.
+
+    Raises:
+        ValueError: both or neither of ``thresholds`` / ``tome_r``; a budget of the wrong length.
+        ThresholdsError: thresholds made for another encoder or too few layers.
+        NotImplementedError: no supported encoder in ``model``.
+    """
+    check_transformers_version()
+    if (thresholds is None) == (tome_r is None):
+        raise ValueError("apply_dtome needs exactly one of thresholds or tome_r.")
+    tower = find_vision_tower(model)
+    if feature_layer is None:
+        feature_layer = getattr(getattr(model, "config", None), "vision_feature_layer", -1)
+        if not isinstance(feature_layer, int):
+            raise NotImplementedError(f"multi-layer vision features {feature_layer} are not supported by DToMe.")
+    config = tower.config
+    n_run = layers_to_run(config.num_hidden_layers, feature_layer)
+    if tome_r is not None:
+        if len(tome_r) != n_run:
+            raise ValueError(f"tome_r has {len(tome_r)} entries but {n_run} encoder layers run.")
+        rule: MergeRule = FixedRRule(list(tome_r))
+    elif isinstance(thresholds, Thresholds):
+        thresholds.check(config, n_run)
+        rule = ThresholdRule(thresholds.values[:n_run])
+    else:
+        rule = thresholds
+    encoder_cls, layer_cls, attn_cls, protect_first, host_module = _host_entry(tower, _VIT_HOSTS)
+    swap_class(tower, _vit.DToMeCLIPVisionModelMixin)
+    swap_class(
+        tower.encoder, _vit.DToMeEncoderMixin, _dymu=_vit.DToMeSettings(rule, n_run, protect_first)
+    )
+    for layer in tower.encoder.layers:
+        swap_class(layer, _vit.DToMeEncoderLayerMixin)
+        swap_class(layer.self_attn, _vit.DToMeAttentionMixin, _dymu_eager=host_module.eager_attention_forward)
+    logger.info("DToMe applied to %s: %d of %d layers run, rule %s", type(tower).__name__, n_run,
+                config.num_hidden_layers, type(rule).__name__)
+    return model
+
+
+def apply_vtu(model: nn.Module) -> nn.Module:
+    """Patch the RoPE decoder of ``model`` in place with virtual token unmerging.
+
+    After this, ``model(..., vtu=VTUInputs(...))`` and ``model.generate(..., vtu=...)`` run the prefill on
+    merged tokens; without ``vtu`` the model behaves exactly as before.
+
+    Args:
+        model: ``LlamaModel`` / ``LlamaForCausalLM`` / ``LlavaForConditionalGeneration`` (anything
+            containing a supported decoder).
+
+    Returns:
+        ``model`` (patched in place).
+
+    Raises:
+        NotImplementedError: no supported decoder in ``model``.
+    """
+    check_transformers_version()
+    decoder = find_decoder(model)
+    attn_cls, host_module = _host_entry(decoder, _DECODER_HOSTS)
+    swap_class(decoder, _llama.VTUDecoderMixin)
+    for module in decoder.modules():
+        if isinstance(module, attn_cls):
+            swap_class(
+                module,
+                _llama.VTUAttentionMixin,
+                _dymu_rope=host_module.apply_rotary_pos_emb,
+                _dymu_eager=host_module.eager_attention_forward,
+            )
+    if model is not decoder:
+        swap_class(model, _llama.VTURootMixin)
+    logger.info("VTU applied to %s", type(decoder).__name__)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_dtome` and :func:`apply_vtu` on ``model`` (restores the host classes)."""
+    n = restore(model)
+    logger.info("DyMU removed from %d modules", n)
+    return model

@@ -1,0 +1,181 @@
+"""DToMe for transformers' pre-LN ViT encoders: ``CLIPVisionModel`` (LLaVA-1.5's tower).
+
+The mixins are swapped into the host modules in place by :func:`dymu.apply_dtome`; they add no
+parameters and :func:`dymu.remove` restores the host classes. Method: DyMU Sec. 3.1 /
+``docs/dymu-method.md`` Sec. 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.clip import modeling_clip
+
+from ..merge import MergeRule, TokenState, attention_bias, bipartite_match, merge_tokens
+
+__all__ = ["DToMeEncoderOutput", "DToMeVisionOutput"]
+
+
+@dataclass
+class DToMeEncoderOutput(BaseModelOutput):
+    """``BaseModelOutput`` plus DToMe bookkeeping.
+
+    Attributes:
+        last_hidden_state: ``(B, N, C)`` output of the last layer run (the feature layer), padded.
+        hidden_states: tuple of ``(B, N_l, C)`` (embeddings, then each layer run), if requested.
+        token_sizes: ``(B, N)`` float32, original tokens per output token (0 for padding).
+        group_ids: ``(B, N0)`` long, output token holding each original token.
+        padding_mask: ``(B, N)`` bool, True for real tokens, or None when no image is padded.
+    """
+
+    token_sizes: torch.Tensor | None = None
+    group_ids: torch.Tensor | None = None
+    padding_mask: torch.Tensor | None = None
+
+
+@dataclass
+class DToMeVisionOutput(BaseModelOutputWithPooling):
+    """``BaseModelOutputWithPooling`` plus ``token_sizes``, ``group_ids``, ``padding_mask``
+    (shapes as in :class:`DToMeEncoderOutput`)."""
+
+    token_sizes: torch.Tensor | None = None
+    group_ids: torch.Tensor | None = None
+    padding_mask: torch.Tensor | None = None
+
+
+class DToMeAttentionMixin:
+    """Encoder self-attention that also returns the merge metric.
+
+    Modifications (vs ``CLIPAttention.forward``):
+        - returns a third value: the keys averaged over heads, ``(B, N, D)`` — the DToMe metric, taken
+          from the same key projection the attention uses (no second projection);
+        - ``attention_mask`` may be the additive proportional-attention bias ``(B, 1, 1, N)``.
+    The kernel is still chosen through ``ALL_ATTENTION_FUNCTIONS`` (eager / sdpa / flash).
+    """
+
+    _dymu_eager: Callable = staticmethod(modeling_clip.eager_attention_forward)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        bsz, n, _ = hidden_states.shape
+        heads = (bsz, n, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(heads).transpose(1, 2)  # (B, H, N, D)
+        k = self.k_proj(hidden_states).view(heads).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(heads).transpose(1, 2)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._dymu_eager)
+        out, weights = attention(
+            self, q, k, v, attention_mask, scaling=self.scale, dropout=0.0 if not self.training else self.dropout, **kwargs
+        )
+        out = self.out_proj(out.reshape(bsz, n, -1).contiguous())
+        return out, weights, k.mean(dim=1)  # metric (B, N, D)
+
+
+class DToMeEncoderLayerMixin:
+    """Pre-LN encoder block with a DToMe merge between attention and MLP.
+
+    Modifications (vs ``CLIPEncoderLayer.forward``):
+        - takes and returns a :class:`~dymu.merge.TokenState`;
+        - ``h = x + Attn(LN1(x))``, then the merge rule picks edges on the attention keys and
+          :func:`~dymu.merge.merge_tokens` merges ``h``; the MLP runs on the shorter sequence.
+    """
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        state: TokenState,
+        rule: MergeRule,
+        layer: int,
+        protect_first: bool,
+    ) -> tuple[torch.Tensor, TokenState]:
+        attn, _, metric = self.self_attn(self.layer_norm1(hidden_states), attention_mask=attention_mask)
+        h = hidden_states + attn
+        scores, dst = bipartite_match(metric, state.padding_mask, protect_first=protect_first)
+        h, state = merge_tokens(h, state, rule(layer, scores), dst)
+        return h + self.mlp(self.layer_norm2(h)), state
+
+
+@dataclass
+class DToMeSettings:
+    """Per-encoder configuration set by :func:`dymu.apply_dtome` (no per-call state).
+
+    Attributes:
+        rule: default merge rule (thresholds or fixed r).
+        num_layers: encoder layers to run; the last one is the feature layer (later layers are skipped).
+        protect_first: token 0 is a CLS token that never merges (CLIP) or not (SigLIP).
+    """
+
+    rule: MergeRule
+    num_layers: int
+    protect_first: bool
+
+
+class DToMeEncoderMixin:
+    """Encoder loop carrying the merge state.
+
+    Modifications (vs ``CLIPEncoder.forward``):
+        - runs only the first ``_dymu.num_layers`` layers (up to the feature layer);
+        - builds the proportional-attention / padding bias from the token sizes before every layer;
+        - ``merge_rule`` (per call) overrides the configured rule, e.g. for threshold calibration;
+        - returns :class:`DToMeEncoderOutput` with sizes, group ids and the padding mask.
+    """
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        merge_rule: MergeRule | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> DToMeEncoderOutput:
+        if attention_mask is not None:
+            raise NotImplementedError("DToMe encoders build their own attention mask; pass attention_mask=None.")
+        settings: DToMeSettings = self._dymu
+        rule = merge_rule if merge_rule is not None else settings.rule
+        x = inputs_embeds
+        state = TokenState.initial(x.shape[0], x.shape[1], device=x.device)
+        hidden_states = (x,) if output_hidden_states else None
+        for i, layer in enumerate(self.layers[: settings.num_layers]):
+            x, state = layer(x, attention_bias(state, x.dtype), state, rule, i, settings.protect_first)
+            if hidden_states is not None:
+                hidden_states += (x,)
+        return DToMeEncoderOutput(
+            last_hidden_state=x,
+            hidden_states=hidden_states,
+            token_sizes=state.sizes,
+            group_ids=state.group_ids,
+            padding_mask=state.padding_mask,
+        )
+
+
+class DToMeCLIPVisionModelMixin:
+    """``CLIPVisionModel`` returning :class:`DToMeVisionOutput`.
+
+    Modifications (vs ``CLIPVisionModel.forward``): forwards ``merge_rule`` to the encoder and returns
+    the merge bookkeeping. ``last_hidden_state`` is the feature layer's output (not normalised);
+    ``pooler_output`` is ``post_layernorm`` of the CLS token, which never merges and stays at index 0.
+    """
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        merge_rule: MergeRule | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> DToMeVisionOutput:
+        x = self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype), interpolate_pos_encoding)
+        x = self.pre_layrnorm(x)
+        enc = self.encoder(x, merge_rule=merge_rule, output_hidden_states=output_hidden_states)
+        last = enc.last_hidden_state
+        return DToMeVisionOutput(
+            last_hidden_state=last,
+            pooler_output=self.post_layernorm(last[:, 0, :]),
+            hidden_states=enc.hidden_states,
+            token_sizes=enc.token_sizes,
+            group_ids=enc.group_ids,
+            padding_mask=enc.padding_mask,
+        )

@@ -1,0 +1,168 @@
+"""Virtual Token Unmerging (VTU): expand / re-merge ops and the exact reference attention.
+
+The LLM runs its per-token layers on the ``L_m`` merged tokens; attention sees the ``L`` virtual
+(full-length) sequence ``E_full = M E`` with ``M[p, g(p)] = 1``. Method: DyMU Sec. 3.2 and
+``docs/dymu-method.md`` Sec. 3.
+
+Shapes:
+    B batch, L virtual length (padded), L_m merged length (padded), H query heads, H_kv key/value heads,
+    D head dim, C = H * D.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+__all__ = ["VTUInputs", "expand", "remerge", "exact_attention"]
+
+
+@dataclass
+class VTUInputs:
+    """What VTU attention needs for one prefill: the virtual layout of every sequence in the batch.
+
+    Passed as the ``vtu=`` keyword through the model's forward (and ``generate``), never stored on
+    modules.
+
+    Attributes:
+        group_index: ``(B, L)`` long, ``g(p)``: the merged slot (in ``[0, L_m)``) each virtual position
+            belongs to. Text tokens are their own groups. Padding slots may point anywhere.
+        attention_mask: ``(B, L)`` 0/1, real virtual positions (left or right padding).
+        merged_length: ``L_m``, the padded length of the merged sequence fed to the model.
+        position_ids: ``(B, L)`` long RoPE positions of the virtual sequence; by default
+            ``cumsum(attention_mask) - 1`` (0 on padding), i.e. what the unmodified model uses.
+        mode: ``"expand"`` (gather Q/K/V to ``L`` rows and call the host's attention kernel) or
+            ``"exact"`` (the RoPE decomposition reference, slow; for tests).
+    """
+
+    group_index: torch.Tensor
+    attention_mask: torch.Tensor
+    merged_length: int
+    position_ids: torch.Tensor | None = None
+    mode: Literal["expand", "exact"] = "expand"
+    counts: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.group_index.ndim != 2 or self.group_index.shape != self.attention_mask.shape:
+            raise ValueError(
+                f"VTUInputs: group_index {tuple(self.group_index.shape)} and attention_mask "
+                f"{tuple(self.attention_mask.shape)} must both be (B, L)."
+            )
+        if self.mode not in ("expand", "exact"):
+            raise ValueError(f"VTUInputs.mode must be 'expand' or 'exact', got {self.mode!r}.")
+        self.group_index = self.group_index.long()
+        if self.position_ids is None:
+            self.position_ids = (self.attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        weights = self.attention_mask.to(torch.float32)
+        counts = weights.new_zeros(self.group_index.shape[0], self.merged_length)
+        self.counts = counts.scatter_add_(1, self.group_index, weights)  # (B, L_m) real members per group
+
+    @property
+    def virtual_length(self) -> int:
+        """``L``."""
+        return self.group_index.shape[1]
+
+    def check(self) -> None:
+        """Validate index ranges (one host sync; called once per prefill).
+
+        Raises:
+            ValueError: a group index outside ``[0, merged_length)``.
+        """
+        lo, hi = torch.stack([self.group_index.min(), self.group_index.max()]).tolist()
+        if lo < 0 or hi >= self.merged_length:
+            raise ValueError(f"VTUInputs.group_index must lie in [0, {self.merged_length}), found [{lo}, {hi}].")
+
+
+def expand(x: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+    """Gather merged rows to virtual positions: ``out[b, h, p] = x[b, h, g(p)]``.
+
+    Args:
+        x: ``(B, H, L_m, D)``.
+        group_index: ``(B, L)``.
+
+    Returns:
+        ``(B, H, L, D)``.
+    """
+    b, h, _, d = x.shape
+    index = group_index[:, None, :, None].expand(b, h, group_index.shape[1], d)
+    return x.gather(2, index)
+
+
+def remerge(out: torch.Tensor, vtu: VTUInputs) -> torch.Tensor:
+    """Average virtual outputs over each group: ``o_j = (1 / n_j) * sum_{p in G_j} o_p``.
+
+    Padding positions contribute nothing; groups with no real member give 0. Accumulates in float32
+    (``index_add_``; no torch_scatter needed).
+
+    Args:
+        out: ``(B, L, C)`` attention outputs at virtual positions.
+        vtu: the layout.
+
+    Returns:
+        ``(B, L_m, C)`` in ``out.dtype``.
+    """
+    b, length, c = out.shape
+    lm = vtu.merged_length
+    weighted = out.float() * vtu.attention_mask[..., None].to(torch.float32)
+    flat_index = (vtu.group_index + torch.arange(b, device=out.device)[:, None] * lm).reshape(-1)
+    summed = out.new_zeros(b * lm, c, dtype=torch.float32).index_add_(0, flat_index, weighted.reshape(b * length, c))
+    return (summed.view(b, lm, c) / vtu.counts.clamp_min(1.0)[..., None]).to(out.dtype)
+
+
+def exact_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    vtu: VTUInputs,
+    scaling: float,
+) -> torch.Tensor:
+    """Reference VTU attention by the RoPE decomposition, without expanding Q or K.
+
+    For frequency ``i < D/2`` and merged tokens ``a, b``:
+    ``alpha_i = q_a[i] k_b[i] + q_a[i+D/2] k_b[i+D/2]``, ``beta_i = q_a[i] k_b[i+D/2] - q_a[i+D/2] k_b[i]``;
+    the virtual logit is ``sum_i alpha_i(g(p), g(p')) cos(theta_i (p - p')) + beta_i sin(theta_i (p - p'))``
+    (times ``scaling``). Probabilities are summed per key group and multiplied by the merged ``v``, so V is
+    never expanded (``docs/dymu-method.md`` Sec. 3). Materialises ``(B, H, L, L, D/2)``: tests only.
+
+    Args:
+        q: ``(B, H, L_m, D)`` merged queries before RoPE.
+        k, v: ``(B, H_kv, L_m, D)`` merged keys (before RoPE) and values.
+        cos, sin: ``(B, L, D)`` the host's RoPE tables at the virtual positions (``rotate_half`` layout,
+            attention scaling included).
+        vtu: the layout (causal + padding mask over virtual positions).
+        scaling: logit scale (``D ** -0.5``).
+
+    Returns:
+        ``(B, L, H, D)`` attention output at every virtual position (before re-merging).
+    """
+    b, h, lm, d = q.shape
+    dtype = q.dtype
+    rep = h // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1).float()
+    v = v.repeat_interleave(rep, dim=1).float()
+    q = q.float()
+    half = d // 2
+    q1, q2, k1, k2 = q[..., :half], q[..., half:], k[..., :half], k[..., half:]
+    alpha = q1[:, :, :, None] * k1[:, :, None] + q2[:, :, :, None] * k2[:, :, None]  # (B, H, Lm, Lm, D/2)
+    beta = q1[:, :, :, None] * k2[:, :, None] - q2[:, :, :, None] * k1[:, :, None]
+    g = vtu.group_index
+    length = g.shape[1]
+    bi = torch.arange(b, device=q.device)[:, None, None]
+    alpha = alpha.permute(0, 2, 3, 1, 4)[bi, g[:, :, None], g[:, None, :]]  # (B, L, L, H, D/2)
+    beta = beta.permute(0, 2, 3, 1, 4)[bi, g[:, :, None], g[:, None, :]]
+    c, s = cos[..., :half].float(), sin[..., :half].float()  # (B, L, D/2)
+    cos_diff = c[:, :, None] * c[:, None] + s[:, :, None] * s[:, None]  # cos(theta (p - p')) (B, L, L, D/2)
+    sin_diff = s[:, :, None] * c[:, None] - c[:, :, None] * s[:, None]  # sin(theta (p - p'))
+    logits = (alpha * cos_diff[:, :, :, None] + beta * sin_diff[:, :, :, None]).sum(-1) * scaling  # (B, L, L, H)
+    logits = logits.permute(0, 3, 1, 2)  # (B, H, L, L)
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    allowed = causal[None] & vtu.attention_mask.bool()[:, None, :]  # (B, L, L)
+    logits = logits.masked_fill(~allowed[:, None], torch.finfo(logits.dtype).min)
+    probs = logits.softmax(-1)  # (B, H, L, L)
+    grouped = probs.new_zeros(b, h, length, lm).scatter_add_(3, g[:, None, None, :].expand(b, h, length, length), probs)
+    out = grouped @ v  # (B, H, L, D)
+    return out.transpose(1, 2).to(dtype)

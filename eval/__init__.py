@@ -1,0 +1,1 @@
+"""Benchmarks, metrics and evaluation runners for DyMU-merged vision-language models."""

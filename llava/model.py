@@ -1,0 +1,379 @@
+"""LLaVA-1.5 with DyMU on transformers' ``LlavaForConditionalGeneration``.
+
+The stock processor expands each ``<image>`` to a fixed 576 placeholders and the stock model asserts
+features == placeholders; DyMU's token count is known only after encoding. So this adapter encodes the
+images first (DToMe in the CLIP tower), then builds the merged input sequence itself: embeddings, a 2-D
+attention mask, position ids and the VTU group map over the virtual (unmerged) layout, and calls the
+model / ``generate`` with ``inputs_embeds``. Nothing of upstream LLaVA is vendored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+import dymu
+from dymu.thresholds import Thresholds, ThresholdsError
+from dymu.vtu import VTUInputs
+
+from .conversation import build_prompt
+
+__all__ = ["DyMULlava", "EncodedImages", "LlavaInputs", "load_model", "expand_to_square", "load_image"]
+
+logger = logging.getLogger(__name__)
+
+ImageLike = Image.Image | str | os.PathLike
+
+
+def load_image(image: ImageLike) -> Image.Image:
+    """Open an image file (or pass a PIL image through) as RGB.
+
+    Raises:
+        ValueError: the file cannot be read as an image (names the file).
+    """
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read image {image}: {err}") from err
+
+
+def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Pad to a square of side ``max(w, h)`` with ``background``, image centred (LLaVA-1.5's "pad" mode).
+
+    LLaVA-1.5 evaluates with ``image_aspect_ratio="pad"``: the background is the CLIP mean colour, so the
+    padding normalises to zero.
+    """
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    square = Image.new(image.mode, (side, side), background)
+    square.paste(image, ((side - w) // 2, (side - h) // 2))
+    return square
+
+
+@dataclass
+class EncodedImages:
+    """Merged visual tokens of a list of images, ready for the LLM.
+
+    Attributes:
+        features: per image ``(n_i, C_llm)`` projected merged tokens, in raster order (by the smallest
+            original patch index of each group).
+        group_index: per image ``(P,)`` long, the merged token in ``[0, n_i)`` of every original patch in
+            raster order (``P`` = 576 for LLaVA-1.5; CLS dropped with the "default" strategy).
+    """
+
+    features: list[torch.Tensor]
+    group_index: list[torch.Tensor]
+
+    @property
+    def num_tokens(self) -> list[int]:
+        """Visual tokens per image fed to the LLM."""
+        return [f.shape[0] for f in self.features]
+
+
+@dataclass
+class LlavaInputs:
+    """A left-padded batch of merged prompts.
+
+    Attributes:
+        inputs_embeds: ``(B, L_m, C)``.
+        attention_mask: ``(B, L_m)`` long.
+        position_ids: ``(B, L_m)`` long. With VTU: the virtual position of each merged token's first
+            member (so ``generate`` continues after the last virtual position); without VTU: consecutive.
+        vtu: the virtual layout (``None`` when VTU is off).
+        visual_tokens: per sample, visual tokens fed to the LLM (all its images).
+    """
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    vtu: VTUInputs | None
+    visual_tokens: list[int]
+
+    def model_kwargs(self) -> dict:
+        """Keyword arguments for ``model(...)`` / ``model.generate(...)``."""
+        kwargs = dict(inputs_embeds=self.inputs_embeds, attention_mask=self.attention_mask, position_ids=self.position_ids)
+        if self.vtu is not None:
+            kwargs["vtu"] = self.vtu
+        return kwargs
+
+
+class DyMULlava:
+    """A LLaVA-1.5 model, its processor, and DyMU settings.
+
+    Args:
+        model: ``LlavaForConditionalGeneration`` (DToMe / VTU applied or not).
+        processor: its ``LlavaProcessor`` (tokenizer + CLIP image processor are used separately).
+        vtu: run the LLM with virtual token unmerging (else merged tokens at consecutive positions).
+        image_aspect_ratio: ``"pad"`` (LLaVA-1.5 evaluation: pad to square with the mean colour) or
+            ``"crop"`` (the image processor's resize + centre crop).
+    """
+
+    def __init__(self, model: LlavaForConditionalGeneration, processor, vtu: bool = True, image_aspect_ratio: str = "pad"):
+        if image_aspect_ratio not in ("pad", "crop"):
+            raise ValueError(f"image_aspect_ratio must be 'pad' or 'crop', got {image_aspect_ratio!r}.")
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.vtu = vtu
+        self.image_aspect_ratio = image_aspect_ratio
+        config = model.config
+        if config.vision_feature_select_strategy not in ("default", "full"):
+            raise NotImplementedError(f"vision_feature_select_strategy {config.vision_feature_select_strategy!r}")
+        self.image_token_id = config.image_token_id
+        self.tower = model.model.vision_tower
+        grid = config.vision_config.image_size // config.vision_config.patch_size
+        self.patches_per_image = grid * grid + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    # -------------------------------------------------------------- images
+    def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """Images -> ``(N, 3, H, W)`` pixel values as LLaVA-1.5 evaluates (see ``image_aspect_ratio``)."""
+        pil = [load_image(img) for img in images]
+        if self.image_aspect_ratio == "pad":
+            background = tuple(int(round(255 * m)) for m in self.image_processor.image_mean)
+            pil = [expand_to_square(img, background) for img in pil]
+        return self.image_processor(images=pil, return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> EncodedImages:
+        """Run the vision tower (DToMe if applied) and the projector.
+
+        Args:
+            pixel_values: ``(N, 3, H, W)``.
+
+        Returns:
+            :class:`EncodedImages` (one host sync for the per-image lengths).
+        """
+        pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
+        keep_cls = self.model.config.vision_feature_select_strategy == "full"
+        start = 0 if keep_cls else 1
+        if hasattr(self.tower, "_dymu_original_class"):
+            out = self.tower(pixel_values)
+            tokens = out.last_hidden_state[:, start:]  # (N, N'-start, C_vis)
+            lengths = (out.padding_mask.sum(-1) if out.padding_mask is not None
+                       else torch.full((tokens.shape[0],), out.last_hidden_state.shape[1], device=tokens.device)) - start
+            group_ids = out.group_ids[:, start:] - start  # (N, P) -> token index without CLS
+        else:
+            layer = self.model.config.vision_feature_layer
+            hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states[layer]
+            tokens = hidden[:, start:]
+            lengths = torch.full((tokens.shape[0],), tokens.shape[1], device=tokens.device)
+            group_ids = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        projected = self.model.model.multi_modal_projector(tokens)  # (N, N'-start, C_llm)
+        features, groups = [], []
+        for i, n in enumerate(lengths.tolist()):
+            gid = group_ids[i]
+            first_patch = torch.full((n,), gid.numel(), device=gid.device, dtype=torch.long)
+            first_patch.scatter_reduce_(0, gid, torch.arange(gid.numel(), device=gid.device), reduce="amin")
+            order = first_patch.argsort()  # raster order; keys are unique, so the sort is deterministic
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(n, device=order.device)
+            features.append(projected[i, :n][order])
+            groups.append(rank[gid])
+        return EncodedImages(features=features, group_index=groups)
+
+    # ------------------------------------------------------------- prompts
+    def build_inputs(self, prompts: Sequence[str], images: Sequence[Sequence[ImageLike]]) -> LlavaInputs:
+        """Tokenise prompts, encode their images, and lay out the merged batch (left padding).
+
+        Args:
+            prompts: full prompts containing one ``<image>`` placeholder per image (see
+                :func:`llava.conversation.build_prompt`).
+            images: per prompt, its images in placeholder order.
+
+        Raises:
+            ValueError: prompts and image lists differ in length, or a prompt's placeholder count differs
+                from its number of images.
+        """
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists.")
+        flat = [img for imgs in images for img in imgs]
+        encoded = self.encode_images(self.preprocess(flat)) if flat else EncodedImages([], [])
+        embed = self.model.get_input_embeddings()
+        merged_embeds, virtual_groups, merged_lengths, visual_tokens = [], [], [], []
+        next_image = 0
+        for s, (prompt, imgs) in enumerate(zip(prompts, images)):
+            ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"][0].to(self.device)
+            slots = (ids == self.image_token_id).nonzero().flatten().tolist()
+            if len(slots) != len(imgs):
+                raise ValueError(
+                    f"prompt {s} has {len(slots)} '<image>' placeholders but {len(imgs)} images were given; "
+                    "put one placeholder per image in the prompt."
+                )
+            pieces, groups, offset, cursor, n_visual = [], [], 0, 0, 0
+            for slot in slots + [len(ids)]:
+                text = ids[cursor:slot]
+                pieces.append(embed(text))
+                groups.append(torch.arange(offset, offset + len(text), device=self.device))
+                offset += len(text)
+                if slot < len(ids):
+                    feats = encoded.features[next_image]
+                    pieces.append(feats.to(pieces[-1].dtype))
+                    groups.append(encoded.group_index[next_image] + offset)
+                    offset += feats.shape[0]
+                    n_visual += feats.shape[0]
+                    next_image += 1
+                cursor = slot + 1
+            merged_embeds.append(torch.cat(pieces))
+            virtual_groups.append(torch.cat(groups))
+            merged_lengths.append(offset)
+            visual_tokens.append(n_visual)
+        return self._pad(merged_embeds, virtual_groups, merged_lengths, visual_tokens)
+
+    def _pad(self, merged_embeds, virtual_groups, merged_lengths, visual_tokens) -> LlavaInputs:
+        bsz, lm, length = len(merged_embeds), max(merged_lengths), max(len(g) for g in virtual_groups)
+        width = merged_embeds[0].shape[-1]
+        embeds = merged_embeds[0].new_zeros(bsz, lm, width)
+        mask = torch.zeros(bsz, lm, dtype=torch.long, device=self.device)
+        group_index = torch.zeros(bsz, length, dtype=torch.long, device=self.device)
+        virtual_mask = torch.zeros(bsz, length, dtype=torch.long, device=self.device)
+        for b, (e, g, n) in enumerate(zip(merged_embeds, virtual_groups, merged_lengths)):
+            embeds[b, lm - n :] = e
+            mask[b, lm - n :] = 1
+            group_index[b, length - len(g) :] = g + (lm - n)
+            virtual_mask[b, length - len(g) :] = 1
+        if not self.vtu:
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+            return LlavaInputs(embeds, mask, positions, None, visual_tokens)
+        vtu = VTUInputs(group_index=group_index, attention_mask=virtual_mask, merged_length=lm)
+        big = torch.iinfo(torch.long).max
+        first = torch.full((bsz, lm), big, dtype=torch.long, device=self.device)
+        first.scatter_reduce_(1, group_index, vtu.position_ids.masked_fill(virtual_mask == 0, big), reduce="amin")
+        positions = first.masked_fill(mask == 0, 0)
+        return LlavaInputs(embeds, mask, positions, vtu, visual_tokens)
+
+    # ------------------------------------------------------------- outputs
+    @torch.no_grad()
+    def forward(self, inputs: LlavaInputs):
+        """One forward pass over merged inputs; returns the model output (logits ``(B, L_m, V)``)."""
+        return self.model(**inputs.model_kwargs())
+
+    @torch.no_grad()
+    def generate(
+        self,
+        questions: Sequence[str],
+        images: Sequence[Sequence[ImageLike]] | Sequence[ImageLike],
+        max_new_tokens: int = 32,
+        **generate_kwargs,
+    ) -> tuple[list[str], LlavaInputs]:
+        """Answer questions about images (greedy by default).
+
+        Args:
+            questions: user texts (placeholders are added unless present; see ``build_prompt``).
+            images: per question a list of images, or one image per question.
+            max_new_tokens: answer length limit.
+            generate_kwargs: passed to ``model.generate``.
+
+        Returns:
+            ``(answers, inputs)``; ``inputs.visual_tokens`` gives the visual token count per question.
+        """
+        images = [[im] if isinstance(im, (Image.Image, str, os.PathLike)) else list(im) for im in images]
+        prompts = [build_prompt(q, num_images=len(imgs)) for q, imgs in zip(questions, images)]
+        inputs = self.build_inputs(prompts, images)
+        generate_kwargs.setdefault("do_sample", False)
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        out = self.model.generate(**inputs.model_kwargs(), max_new_tokens=max_new_tokens, **generate_kwargs)
+        answers = [a.strip() for a in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return answers, inputs
+
+
+def _resolve_thresholds(dymu_arg) -> Thresholds | None:
+    if dymu_arg is None or (isinstance(dymu_arg, str) and dymu_arg == "off"):
+        return None
+    if isinstance(dymu_arg, Thresholds):
+        return dymu_arg
+    path = Path(dymu_arg)
+    if path.suffix == ".json" or path.exists():
+        return Thresholds.load(path)
+    try:
+        return Thresholds.packaged(str(dymu_arg))
+    except ThresholdsError as err:
+        raise ThresholdsError(
+            f"dymu={dymu_arg!r} is neither a thresholds file nor a packaged thresholds name; packaged: "
+            f"{sorted(p.stem for p in dymu.thresholds.PACKAGED_DIR.glob('*.json'))}."
+        ) from err
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dymu: Thresholds | str | os.PathLike | None = None,
+    *,
+    tome_r: Sequence[int] | None = None,
+    vtu: bool = True,
+    dtype: torch.dtype | str = "auto",
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+    image_aspect_ratio: str = "pad",
+    local_files_only: bool | None = None,
+) -> DyMULlava:
+    """Load a LLaVA-1.5 checkpoint (hub id or local path) with DyMU applied.
+
+    Args:
+        name_or_path: e.g. ``"llava-hf/llava-1.5-7b-hf"`` or a local directory from ``save_pretrained``.
+        dymu: thresholds (object, JSON path, or packaged name such as
+            ``"clip-vit-large-patch14-336_openai_low_published"``); ``None`` / ``"off"`` for no merging.
+        tome_r: instead of thresholds, the fixed-r ToMe baseline (per-layer ``r``).
+        vtu: use virtual token unmerging in the LLM (DyMU); ``False`` feeds merged tokens at consecutive
+            positions (the ablation "DToMe without VTU").
+        dtype: weights dtype (``"auto"``: as saved).
+        device: where to put the model.
+        attn_implementation: ``"eager"`` / ``"sdpa"`` / ... (default: transformers' choice).
+        image_aspect_ratio: ``"pad"`` or ``"crop"`` (see :class:`DyMULlava`).
+        local_files_only: never contact the Hub (default: True when ``HF_HUB_OFFLINE=1``).
+
+    Raises:
+        OSError: the checkpoint cannot be found; the message says how to pass a local path.
+        ThresholdsError: thresholds do not fit the encoder.
+    """
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    kwargs = dict(local_files_only=local_files_only)
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path, **kwargs)
+        model = LlavaForConditionalGeneration.from_pretrained(
+            name_or_path, dtype=dtype, attn_implementation=attn_implementation, **kwargs
+        )
+    except OSError as err:
+        raise OSError(
+            f"could not load LLaVA checkpoint '{name_or_path}': it is not a local directory and could not be "
+            f"fetched from the Hugging Face Hub ({type(err).__name__}: {err}). On an offline machine download it "
+            "elsewhere (e.g. `hf download llava-hf/llava-1.5-7b-hf --local-dir DIR`), copy DIR here and pass "
+            "the local path (Hydra: model.name_or_path=DIR)."
+        ) from err
+    model.to(device).eval()
+    thresholds = _resolve_thresholds(dymu)
+    if thresholds is not None or tome_r is not None:
+        dymu_apply_dtome(model, thresholds, tome_r)
+    if vtu:
+        dymu_apply_vtu(model)
+    return DyMULlava(model, processor, vtu=vtu, image_aspect_ratio=image_aspect_ratio)
+
+
+def dymu_apply_dtome(model, thresholds, tome_r) -> None:
+    """Apply DToMe (thresholds) or fixed-r ToMe to a LLaVA model's tower at its feature layer."""
+    dymu.apply_dtome(model, thresholds, tome_r=list(tome_r) if tome_r is not None else None)
+
+
+def dymu_apply_vtu(model) -> None:
+    """Apply VTU to a LLaVA model's language model."""
+    dymu.apply_vtu(model)

@@ -1,0 +1,46 @@
+"""Install DyMU: the `dymu` library, the `llava` adapters and the `eval` suite.
+
+CPU-only environments: install torch==2.13.0 first (or pass a constraints file pinning it) so that pip
+does not pull a CUDA build; see README.md.
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="dymu",
+    version="0.1.0",
+    description="Dynamic Merging and Virtual Unmerging (DyMU) for efficient vision-language models",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dymu", "dymu.*", "llava", "llava.*", "eval", "eval.*"]),
+    package_data={
+        "dymu": ["data/thresholds/*.json"],
+        "eval": ["data/*/*.jsonl", "data/*/images/*"],
+    },
+    install_requires=[
+        "torch>=2.4",
+        # Patches are written against the transformers 5 module layout; tested on 5.23.
+        "transformers>=5.23,<6",
+        "safetensors",
+        "einops",
+        "pillow",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "eval": ["hydra-core>=1.3,<1.4", "wandb", "scikit-image"],
+        "dev": [
+            "hydra-core>=1.3,<1.4",
+            "wandb",
+            "scikit-image",
+            "pytest",
+            "hypothesis",
+            "tokenizers",
+        ],
+    },
+)
