@@ -6,7 +6,7 @@ attention reproduces the full-length sequence. Paper: Wang et al., arXiv 2504.17
 """
 
 from .merge import FixedRRule, ThresholdRule, TokenState, constant_schedule
-from .patch import apply_dtome, apply_vtu, find_decoder, find_vision_tower, layers_to_run, remove
+from .patch import apply_dtome, apply_vtu, find_decoder, find_vision_tower, is_patched, layers_to_run, remove
 from .patch.vit import DToMeEncoderOutput, DToMeVisionOutput
 from .thresholds import BatchBudgetRule, Thresholds, ThresholdsError, encoder_fingerprint, find_thresholds
 from .vtu import VTUInputs
@@ -17,6 +17,7 @@ __all__ = [
     "apply_dtome",
     "apply_vtu",
     "remove",
+    "is_patched",
     "Thresholds",
     "ThresholdsError",
     "find_thresholds",

@@ -231,7 +231,7 @@ def find_thresholds(
         ValueError: neither or both of ``target_tokens`` / ``schedule``; a schedule of the wrong length
             or one that asks more merges than a layer can make; no batches.
     """
-    from .patch import apply_dtome, layers_to_run, remove  # local: patch imports this module
+    from .patch import apply_dtome, is_patched, layers_to_run, remove  # local: patch imports this module
 
     config = vision_model.config
     n_run = layers_to_run(config.num_hidden_layers, feature_layer)
@@ -253,7 +253,7 @@ def find_thresholds(
         remaining -= r
 
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    was_patched = hasattr(vision_model, "_dymu")
+    was_patched = is_patched(vision_model)
     device = next(vision_model.parameters()).device
     dtype = next(vision_model.parameters()).dtype
     rule = BatchBudgetRule(schedule, device=device)

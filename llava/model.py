@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-import dymu
+import dymu as _dymu
 from dymu.thresholds import Thresholds, ThresholdsError
 from dymu.vtu import VTUInputs
 
@@ -167,7 +167,7 @@ class DyMULlava:
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
         keep_cls = self.model.config.vision_feature_select_strategy == "full"
         start = 0 if keep_cls else 1
-        if hasattr(self.tower, "_dymu_original_class"):
+        if _dymu.is_patched(self.tower):
             out = self.tower(pixel_values)
             tokens = out.last_hidden_state[:, start:]  # (N, N'-start, C_vis)
             lengths = (out.padding_mask.sum(-1) if out.padding_mask is not None
@@ -310,7 +310,7 @@ def _resolve_thresholds(dymu_arg) -> Thresholds | None:
     except ThresholdsError as err:
         raise ThresholdsError(
             f"dymu={dymu_arg!r} is neither a thresholds file nor a packaged thresholds name; packaged: "
-            f"{sorted(p.stem for p in dymu.thresholds.PACKAGED_DIR.glob('*.json'))}."
+            f"{sorted(p.stem for p in _dymu.thresholds.PACKAGED_DIR.glob('*.json'))}."
         ) from err
 
 
@@ -319,6 +319,7 @@ def load_model(
     dymu: Thresholds | str | os.PathLike | None = None,
     *,
     tome_r: Sequence[int] | None = None,
+    tome_target: int | None = None,
     vtu: bool = True,
     dtype: torch.dtype | str = "auto",
     device: str | torch.device = "cpu",
@@ -333,6 +334,8 @@ def load_model(
         dymu: thresholds (object, JSON path, or packaged name such as
             ``"clip-vit-large-patch14-336_openai_low_published"``); ``None`` / ``"off"`` for no merging.
         tome_r: instead of thresholds, the fixed-r ToMe baseline (per-layer ``r``).
+        tome_target: ToMe with the budget ``N0 - tome_target`` spread evenly over the layers run (e.g. 94 /
+            209 / 393 for LLaVA-1.5: r = 21 / 16 / 8 over 23 layers).
         vtu: use virtual token unmerging in the LLM (DyMU); ``False`` feeds merged tokens at consecutive
             positions (the ablation "DToMe without VTU").
         dtype: weights dtype (``"auto"``: as saved).
@@ -362,18 +365,13 @@ def load_model(
         ) from err
     model.to(device).eval()
     thresholds = _resolve_thresholds(dymu)
+    if tome_target is not None:
+        vision = model.config.vision_config
+        n0 = (vision.image_size // vision.patch_size) ** 2 + 1
+        n_run = _dymu.layers_to_run(vision.num_hidden_layers, model.config.vision_feature_layer)
+        tome_r = _dymu.constant_schedule(n0 - int(tome_target), n_run)
     if thresholds is not None or tome_r is not None:
-        dymu_apply_dtome(model, thresholds, tome_r)
+        _dymu.apply_dtome(model, thresholds, tome_r=list(tome_r) if tome_r is not None else None)
     if vtu:
-        dymu_apply_vtu(model)
+        _dymu.apply_vtu(model)
     return DyMULlava(model, processor, vtu=vtu, image_aspect_ratio=image_aspect_ratio)
-
-
-def dymu_apply_dtome(model, thresholds, tome_r) -> None:
-    """Apply DToMe (thresholds) or fixed-r ToMe to a LLaVA model's tower at its feature layer."""
-    dymu.apply_dtome(model, thresholds, tome_r=list(tome_r) if tome_r is not None else None)
-
-
-def dymu_apply_vtu(model) -> None:
-    """Apply VTU to a LLaVA model's language model."""
-    dymu.apply_vtu(model)

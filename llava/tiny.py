@@ -208,7 +208,7 @@ def _tiny_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
         patch_size=14,
         hidden_size=64,
         intermediate_size=256,
-        num_hidden_layers=6,
+        num_hidden_layers=8,
         num_attention_heads=4,
         projection_dim=64,
         hidden_act="quick_gelu",
@@ -273,7 +273,7 @@ def build_tiny_llava15(path: str | os.PathLike, seed: int = 0) -> Path:
 
     For offline tests and demos only: the weights are random (drawn after ``torch.manual_seed(seed)``),
     the model's outputs are meaningless. It keeps LLaVA-1.5's geometry: a CLIP ViT at 336 px with
-    14 px patches (577 tokens = CLS + 24x24, 6 layers, width 64), features from the second-to-last
+    14 px patches (577 tokens = CLS + 24x24, 8 layers, width 64), features from the second-to-last
     layer with CLS dropped (576 image tokens per image), a GELU MLP projector, and a 2-layer Llama
     decoder (width 128, GQA 4 query / 2 key-value heads). The same seed gives identical weights. The
     caller's global torch RNG state is restored afterwards.
@@ -368,3 +368,76 @@ def ensure_tiny_llava15(path: str | os.PathLike, seed: int = 0) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+# ----------------------------------------------------------------------------------- thresholds
+CALIBRATION_IMAGES = (
+    "brick", "grass", "gravel", "checkerboard", "clock", "logo", "immunohistochemistry", "retina",
+    "microaneurysms", "shepp_logan_phantom", "cell", "stereo_motorcycle",
+)
+"""``skimage.data`` photos (inside the wheel, none used by the ``sample`` benchmark) for calibration."""
+
+TINY_TARGETS = {"low": 94, "mid": 209, "high": 393}
+"""Tokens per image at the feature layer (CLS included), as LLaVA-1.5's r = 21 / 16 / 8 over 23 layers."""
+
+
+def export_calibration_images(folder: str | os.PathLike, crops_per_image: int = 4, seed: int = 0) -> list[Path]:
+    """Write :data:`CALIBRATION_IMAGES` and ``crops_per_image`` seeded random crops of each as JPEG files.
+
+    Returns:
+        The written paths (60 by default), sorted.
+    """
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for name in CALIBRATION_IMAGES:
+        array = getattr(skimage.data, name)()
+        array = array[0] if isinstance(array, tuple) else array
+        image = Image.fromarray(np.asarray(array)).convert("RGB")
+        views = [image]
+        for _ in range(crops_per_image):
+            w, h = image.size
+            cw, ch = int(w * rng.uniform(0.3, 0.8)), int(h * rng.uniform(0.3, 0.8))
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            views.append(image.crop((x0, y0, x0 + cw, y0 + ch)))
+        for i, view in enumerate(views):
+            path = folder / f"{name}_{i}.jpg"
+            view.save(path, quality=90)
+            paths.append(path)
+    return sorted(paths)
+
+
+def ensure_tiny_thresholds(path: str | os.PathLike, targets: dict[str, int] | None = None) -> dict[str, Path]:
+    """Calibrate the tiny model's DToMe thresholds on first use (``path/thresholds/<variant>.json``).
+
+    Runs :func:`llava.calibrate.calibrate` (the same code as ``scripts/find_thresholds.py``) on
+    :func:`export_calibration_images`; existing files are kept.
+
+    Args:
+        path: the tiny checkpoint (see :func:`ensure_tiny_llava15`).
+        targets: variant -> tokens per image at the feature layer (default :data:`TINY_TARGETS`).
+
+    Returns:
+        variant -> thresholds file.
+    """
+    from .calibrate import calibrate
+    from .model import load_model
+
+    path = Path(path)
+    targets = dict(TINY_TARGETS if targets is None else targets)
+    files = {v: path / "thresholds" / f"{v}.json" for v in targets}
+    todo = {v: t for v, t in targets.items() if not files[v].is_file()}
+    if todo:
+        images = export_calibration_images(path / "calibration_images")
+        pipe = load_model(path, dymu=None, vtu=False, dtype=torch.float32, local_files_only=True)
+        for variant, target in todo.items():
+            logger.info("calibrating tiny thresholds '%s' (target %d tokens) on %d images", variant, target, len(images))
+            thresholds = calibrate(pipe, images, target, batch_size=16, realised_max_images=None, progress=False,
+                                   source=f"llava.tiny.ensure_tiny_thresholds ({variant})")
+            thresholds.save(files[variant])
+    return files

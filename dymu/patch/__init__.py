@@ -12,9 +12,9 @@ from ..merge import FixedRRule, MergeRule, ThresholdRule
 from ..thresholds import Thresholds
 from . import llama as _llama
 from . import vit as _vit
-from ._swap import check_transformers_version, restore, swap_class
+from ._swap import check_transformers_version, is_patched, restore, swap_class
 
-__all__ = ["apply_dtome", "apply_vtu", "remove", "layers_to_run", "find_vision_tower", "find_decoder"]
+__all__ = ["is_patched", "apply_dtome", "apply_vtu", "remove", "layers_to_run", "find_vision_tower", "find_decoder"]
 
 logger = logging.getLogger(__name__)
 

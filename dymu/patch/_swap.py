@@ -26,6 +26,11 @@ def check_transformers_version() -> None:
         )
 
 
+def is_patched(module: nn.Module) -> bool:
+    """True if ``module``'s class was swapped by DyMU."""
+    return getattr(module, _ORIGINAL, None) is not None
+
+
 def patched_class(mixin: type, host_cls: type) -> type:
     """The class ``mixin + host_cls`` (created once, then cached so class identity is stable)."""
     key = (mixin, host_cls)

@@ -1,0 +1,179 @@
+"""Evaluation runner: generate answers for a benchmark, append predictions as it goes, score.
+
+Resumable: every finished sample is appended to ``predictions.jsonl`` (flushed and fsynced), and a run started
+again with the same output directory evaluates only the samples not yet there. A sample that fails is
+recorded with its error (``prediction: null``) and counted; the others are still scored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .benchmarks.base import Benchmark, Sample
+
+__all__ = ["run_benchmark", "read_predictions", "summarise"]
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS = "predictions.jsonl"
+METRICS = "metrics.json"
+
+# (questions, image path lists) -> (answers, visual tokens per sample)
+Generate = Callable[[list[str], list[list[str]]], tuple[list[str], list[int]]]
+
+
+def read_predictions(path: str | os.PathLike) -> list[dict]:
+    """Records of a ``predictions.jsonl``; a torn last line (a run killed mid-write) is dropped with a warning.
+
+    Raises:
+        ValueError: a corrupt line other than the last (names the line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines):
+                logger.warning("%s:%d is incomplete (run interrupted while writing); it will be redone", path, i)
+                _truncate_last_line(path)
+                break
+            raise ValueError(f"{path}:{i} is not valid JSON ({err}); fix or delete that line.") from err
+    return records
+
+
+def _truncate_last_line(path: Path) -> None:
+    data = path.read_bytes()
+    cut = data.rstrip(b"\n").rfind(b"\n")
+    path.write_bytes(data[: cut + 1] if cut >= 0 else b"")
+
+
+def summarise(records: Sequence[dict], benchmark: Benchmark) -> dict[str, Any]:
+    """``metrics.json`` content: sample count, visual token stats, benchmark metrics, seconds per sample."""
+    tokens = [r["visual_tokens"] for r in records if r.get("visual_tokens") is not None]
+    seconds = [r["seconds"] for r in records if r.get("seconds") is not None]
+    mean = sum(tokens) / len(tokens) if tokens else float("nan")
+    std = math.sqrt(sum((t - mean) ** 2 for t in tokens) / len(tokens)) if tokens else float("nan")
+    return {
+        "benchmark": benchmark.name,
+        "n_samples": len(records),
+        "n_failed": sum(1 for r in records if r.get("error")),
+        "visual_tokens": {
+            "mean": mean,
+            "std": std,
+            "min": min(tokens) if tokens else None,
+            "max": max(tokens) if tokens else None,
+        },
+        "metrics": benchmark.score(list(records)),
+        "seconds_per_sample": sum(seconds) / len(seconds) if seconds else None,
+    }
+
+
+def _record(sample: Sample, prediction: str | None, tokens: int | None, seconds: float, error: str | None) -> dict:
+    record = {
+        "id": sample.id,
+        "question": sample.question,
+        "prediction": prediction,
+        "answers": sample.answers,
+        "answer_type": sample.answer_type,
+        "visual_tokens": tokens,
+        "seconds": seconds,
+    }
+    if error is not None:
+        record["error"] = error
+    return record
+
+
+def run_benchmark(
+    generate: Generate,
+    benchmark: Benchmark,
+    output_dir: str | os.PathLike,
+    *,
+    batch_size: int = 1,
+    limit: int | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    on_record: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``benchmark`` with ``generate`` and write ``predictions.jsonl`` and ``metrics.json``.
+
+    Args:
+        generate: ``(prompts, image path lists) -> (answers, visual tokens per sample)``.
+        benchmark: the task (samples, prompt, score).
+        output_dir: where the two files go.
+        batch_size: samples per ``generate`` call.
+        limit: evaluate only the first ``limit`` samples.
+        resume: continue an existing ``predictions.jsonl``; if False and predictions exist, refuse.
+        progress: tqdm bar.
+        on_record: called with each new record (e.g. to log to wandb).
+
+    Returns:
+        The metrics dict (also written to ``metrics.json``).
+
+    Raises:
+        FileExistsError: predictions exist and ``resume`` is False.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pred_path = output_dir / PREDICTIONS
+    if pred_path.exists() and not resume:
+        raise FileExistsError(f"{pred_path} exists; pass resume=true to continue it, or choose another output_dir.")
+    samples = benchmark.samples()
+    if limit is not None:
+        samples = samples[:limit]
+    wanted = {s.id for s in samples}
+    records = [r for r in read_predictions(pred_path) if r["id"] in wanted]
+    done = {r["id"] for r in records}
+    todo = [s for s in samples if s.id not in done]
+    if done:
+        logger.info("resuming: %d of %d samples already in %s", len(done), len(samples), pred_path)
+    with open(pred_path, "a", encoding="utf-8") as out, tqdm(
+        total=len(samples), initial=len(done), desc=f"eval {benchmark.name}", unit="sample", disable=not progress
+    ) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            for record in _run_batch(generate, benchmark, batch):
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+                records.append(record)
+                if on_record is not None:
+                    on_record(record)
+            bar.update(len(batch))
+    order = {s.id: i for i, s in enumerate(samples)}
+    records.sort(key=lambda r: order[r["id"]])
+    metrics = summarise(records, benchmark)
+    tmp = output_dir / (METRICS + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(output_dir / METRICS)
+    return metrics
+
+
+def _run_batch(generate: Generate, benchmark: Benchmark, batch: list[Sample]) -> list[dict]:
+    """Generate for a batch; if it fails, retry sample by sample so one bad sample fails alone."""
+    prompts = [benchmark.prompt(s) for s in batch]
+    images = [s.image_paths for s in batch]
+    start = time.perf_counter()
+    try:
+        answers, tokens = generate(prompts, images)
+        seconds = (time.perf_counter() - start) / len(batch)
+        return [_record(s, a, t, seconds, None) for s, a, t in zip(batch, answers, tokens)]
+    except Exception as err:  # noqa: BLE001 - recorded per sample below
+        if len(batch) == 1:
+            logger.warning("sample %s failed: %s: %s", batch[0].id, type(err).__name__, err)
+            return [_record(batch[0], None, None, time.perf_counter() - start, f"{type(err).__name__}: {err}")]
+    return [r for s in batch for r in _run_batch(generate, benchmark, [s])]

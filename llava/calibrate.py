@@ -1,0 +1,202 @@
+"""Threshold calibration for LLaVA models: image lists, deployment preprocessing, data-parallel sharding.
+
+The method itself lives in :func:`dymu.find_thresholds`; this module feeds it batches preprocessed exactly
+as at deployment (LLaVA-1.5: pad to square with the mean colour, then 336x336), and shards whole batches
+over ``torch.distributed`` ranks so N ranks see the same batches as one process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from dymu.thresholds import Thresholds, find_thresholds
+
+from .model import DyMULlava
+
+__all__ = ["list_images", "calibrate", "calibrate_from_config", "IMAGE_SUFFIXES"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def list_images(source: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[Path]:
+    """Image files from a folder (recursive, sorted) or a JSON list of ``{"image": relpath}``.
+
+    The JSON form is the LLaVA instruction-data format; entries without an ``"image"`` key (text-only
+    conversations) are skipped. Relative paths resolve against ``image_root`` (default: the JSON's folder).
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist, or listed images are missing (first few named).
+        ValueError: the JSON is not a list of objects, or no image is found.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"image source {source} does not exist; pass a folder of images or a JSON list.")
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        entries = json.loads(source.read_text(encoding="utf-8"))
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ValueError(f"{source} must hold a JSON list of objects with an 'image' key.")
+        root = Path(image_root) if image_root is not None else source.parent
+        paths = [root / e["image"] for e in entries if e.get("image")]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} images listed in {source} are missing, e.g. {missing[:3]}; "
+                                    "set image_root to the folder they are relative to.")
+    if not paths:
+        raise ValueError(f"no images found in {source} (suffixes {IMAGE_SUFFIXES}).")
+    return paths
+
+
+class _Images(Dataset):
+    def __init__(self, paths: Sequence[Path], pipe: DyMULlava):
+        self.paths, self.pipe = list(paths), pipe
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.pipe.preprocess([self.paths[i]])[0]
+
+
+def _batches_for_rank(n: int, batch_size: int, seed: int, rank: int, world: int) -> list[list[int]]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)  # diverse batches; recorded seed makes it reproducible
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    return batches[rank::world]
+
+
+def calibrate(
+    pipe: DyMULlava,
+    images: Sequence[Path],
+    target_tokens: int,
+    *,
+    batch_size: int = 32,
+    seed: int = 0,
+    num_workers: int = 0,
+    realised_max_images: int | None = 512,
+    progress: bool = True,
+    source: str = "",
+) -> Thresholds:
+    """Calibrate DToMe thresholds for a LLaVA model's vision tower.
+
+    Args:
+        pipe: the loaded model (its tower may be patched or not; it is left as it was).
+        images: calibration image files (shuffled with ``seed``, then cut into batches).
+        target_tokens: tokens per image (CLS included) to leave at the feature layer, e.g. 94 / 209 / 393
+            for LLaVA-1.5's low / mid / high (budgets r = 21 / 16 / 8 over 23 layers).
+        batch_size: images per batch ``B`` (the budget is batch-level: top ``B * r_l`` edges).
+        seed: shuffling seed.
+        num_workers: DataLoader workers for image decoding and preprocessing.
+        realised_max_images: measure the realised token count on the first this-many images (None: all).
+        progress: progress bars.
+        source: description recorded in the file.
+
+    Returns:
+        :class:`dymu.Thresholds` with the model name, seed and image count recorded.
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    dataset = _Images(images, pipe)
+    batches = _batches_for_rank(len(dataset), batch_size, seed, rank, world)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+    realised_loader = None
+    if realised_max_images != 0:
+        limit = len(dataset) if realised_max_images is None else min(realised_max_images, len(dataset))
+        subset = _batches_for_rank(limit, batch_size, seed, rank, world)
+        realised_loader = DataLoader(dataset, batch_sampler=subset, num_workers=num_workers)
+    config = pipe.model.config
+    return find_thresholds(
+        pipe.tower,
+        loader,
+        target_tokens=target_tokens,
+        feature_layer=config.vision_feature_layer,
+        realised_batches=realised_loader,
+        progress=progress,
+        source=source or "llava.calibrate",
+        extra={
+            "model": str(getattr(config, "_name_or_path", "")),
+            "seed": seed,
+            "batch_size": batch_size,
+            "world_size": world,
+            "image_aspect_ratio": pipe.image_aspect_ratio,
+            "images": len(dataset),
+        },
+    )
+
+
+def calibrate_from_config(cfg: Mapping) -> Thresholds:
+    """What ``scripts/find_thresholds.py`` runs (keys: see ``hydra_conf/find_thresholds.yaml``).
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) it joins the process group (gloo on CPU, nccl on CUDA); rank 0
+    writes the file.
+
+    Raises:
+        FileExistsError: the output exists and ``overwrite`` is false (checked before any work).
+        ValueError: ``data.images`` is not set.
+    """
+    from .factory import _DTYPES
+    from .model import load_model
+
+    output = Path(str(cfg["output"]))
+    if output.exists() and not cfg.get("overwrite", False):
+        raise FileExistsError(f"{output} exists; pass overwrite=true to replace it, or output=<another file>.")
+    data = cfg["data"]
+    if not data.get("images"):
+        raise ValueError("set data.images=<folder of images, or a LLaVA JSON list of {\"image\": relpath}>.")
+    model_cfg = cfg["model"]
+    device = str(cfg.get("device", "cpu"))
+    started_group = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+        started_group = True
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    try:
+        if model_cfg.get("build") == "tiny_llava15":
+            from .tiny import ensure_tiny_llava15
+
+            ensure_tiny_llava15(str(model_cfg["name_or_path"]))
+        pipe = load_model(
+            str(model_cfg["name_or_path"]),
+            dymu=None,
+            vtu=False,
+            dtype=_DTYPES[str(model_cfg.get("dtype", "auto"))],
+            device=device,
+            attn_implementation=model_cfg.get("attn_implementation"),
+            image_aspect_ratio=model_cfg.get("image_aspect_ratio", "pad"),
+        )
+        images = list_images(data["images"], data.get("image_root"))
+        if data.get("max_images"):
+            images = images[: int(data["max_images"])]
+        thresholds = calibrate(
+            pipe,
+            images,
+            int(cfg["target_tokens"]),
+            batch_size=int(cfg.get("batch_size", 32)),
+            seed=int(cfg.get("seed", 0)),
+            num_workers=int(cfg.get("num_workers", 0)),
+            realised_max_images=cfg.get("realised_max_images"),
+            source=f"scripts/find_thresholds.py model={model_cfg.get('name')} variant={cfg.get('variant')}",
+        )
+        thresholds.extra["image_source"] = str(data["images"])
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            thresholds.save(output)
+            logger.info("wrote %s: %d layers, target %s tokens, realised %s", output, len(thresholds.values),
+                        thresholds.target_tokens, thresholds.realised_tokens)
+        return thresholds
+    finally:
+        if started_group:
+            dist.destroy_process_group()

@@ -1,0 +1,87 @@
+"""Build a :class:`~llava.model.DyMULlava` from plain config mappings (the Hydra ``model`` / ``dymu`` groups).
+
+No Hydra import here: any mapping with the documented keys works.
+
+``model`` keys: ``name``, ``name_or_path``, ``build`` (``"tiny_llava15"`` to create the embedded tiny model
+and its thresholds on first use, else null), ``dtype``, ``attn_implementation``, ``image_aspect_ratio``,
+``thresholds`` (variant -> file or packaged name).
+``dymu`` keys: ``name``, ``mode`` (``off`` | ``threshold`` | ``tome``), ``variant`` (threshold mode),
+``target_tokens`` (tome mode), ``vtu`` (bool).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from dymu.thresholds import PACKAGED_DIR, ThresholdsError
+
+from .model import DyMULlava, load_model
+
+__all__ = ["load_from_config", "thresholds_source"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def thresholds_source(model_cfg: Mapping, variant: str) -> str:
+    """The thresholds file (or packaged name) of a model config for ``variant``.
+
+    Raises:
+        ThresholdsError: the model config has no such variant, or its file does not exist (the message
+            gives the ``find_thresholds.py`` command that creates it).
+    """
+    table = model_cfg.get("thresholds") or {}
+    if variant not in table or table[variant] in (None, ""):
+        raise ThresholdsError(f"model '{model_cfg.get('name')}' defines no thresholds for dymu variant '{variant}'; "
+                              f"known: {sorted(table)}.")
+    source = str(table[variant])
+    if not source.endswith(".json") and (PACKAGED_DIR / f"{source}.json").is_file():
+        return source
+    if not Path(source).is_file():
+        raise ThresholdsError(
+            f"thresholds for {model_cfg.get('name')} dymu={variant} not found at {source}. Calibrate them once with:\n"
+            f"  python scripts/find_thresholds.py model={model_cfg.get('name')} variant={variant} "
+            f"data.images=<folder of images or LLaVA JSON list>\n"
+            f"(it writes {source}); or point model.thresholds.{variant}=<file>."
+        )
+    return source
+
+
+def load_from_config(model_cfg: Mapping, dymu_cfg: Mapping, device: str = "cpu") -> DyMULlava:
+    """Load the model a ``model`` config describes, with the DyMU variant a ``dymu`` config describes.
+
+    Raises:
+        ValueError: unknown ``dymu.mode`` or ``model.dtype``.
+        ThresholdsError / OSError: see :func:`thresholds_source` and :func:`llava.load_model`.
+    """
+    path = str(model_cfg["name_or_path"])
+    if model_cfg.get("build") == "tiny_llava15":
+        from .tiny import ensure_tiny_llava15, ensure_tiny_thresholds
+
+        ensure_tiny_llava15(path)
+        ensure_tiny_thresholds(path)
+    elif model_cfg.get("build"):
+        raise ValueError(f"unknown model.build {model_cfg.get('build')!r}; use 'tiny_llava15' or null.")
+    mode = dymu_cfg.get("mode", "off")
+    dtype = _DTYPES.get(str(model_cfg.get("dtype", "auto")))
+    if dtype is None:
+        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {model_cfg.get('dtype')!r}.")
+    kwargs = dict(
+        vtu=bool(dymu_cfg.get("vtu", mode != "off")),
+        dtype=dtype,
+        device=device,
+        attn_implementation=model_cfg.get("attn_implementation"),
+        image_aspect_ratio=model_cfg.get("image_aspect_ratio", "pad"),
+    )
+    if mode == "off":
+        return load_model(path, dymu=None, **kwargs)
+    if mode == "threshold":
+        return load_model(path, dymu=thresholds_source(model_cfg, str(dymu_cfg["variant"])), **kwargs)
+    if mode == "tome":
+        return load_model(path, tome_target=int(dymu_cfg["target_tokens"]), **kwargs)
+    raise ValueError(f"dymu.mode must be off, threshold or tome; got {mode!r}.")

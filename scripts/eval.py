@@ -1,0 +1,32 @@
+"""Evaluate a LLaVA model with or without DyMU on a benchmark (Hydra entry point).
+
+    python scripts/eval.py model=llava15 dymu=mid benchmark=sample
+    python scripts/eval.py model=llava15_tiny dymu=mid benchmark=sample      # offline, embedded tiny model
+    python scripts/eval.py -m model=llava15_tiny dymu=off,low,mid,high,tome_94   # several variants
+
+Writes predictions.jsonl and metrics.json under output_dir (re-running resumes), logs to wandb (offline by
+default; wandb.mode=disabled turns it off). Config: hydra_conf/eval.yaml.
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+# Run as a script, this file's folder is sys.path[0] and its name would shadow the `eval` package:
+# put the repository root there instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+
+@hydra.main(config_path="../hydra_conf", config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from eval.main import evaluate
+
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
