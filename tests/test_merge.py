@@ -146,7 +146,7 @@ def _run(x, thresholds_per_round, protect_first):
     return x, state
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     batch=st.integers(1, 4),
     n=st.integers(1, 40),
@@ -240,7 +240,7 @@ def test_select_batch_top_calibration_rule():
     torch.testing.assert_close(thr, torch.tensor(0.95))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, database=None)
 @given(batch=st.integers(1, 4), na=st.integers(1, 20), k=st.integers(0, 30), seed=st.integers(0, 2**31 - 1))
 def test_select_batch_top_exactly_k(batch, na, k, seed):
     torch.manual_seed(seed)
