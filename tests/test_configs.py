@@ -1,0 +1,55 @@
+"""Every Hydra config composes and resolves (lightning-hydra-template style)."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from conftest import REPO
+
+CONF = REPO / "hydra_conf"
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+DYMUS = sorted(p.stem for p in (CONF / "dymu").glob("*.yaml"))
+BENCHMARKS = sorted(p.stem for p in (CONF / "benchmark").glob("*.yaml"))
+
+
+def composed(config_name: str, overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)  # lets ${hydra:...} resolve as in a real run
+        ours = {key: cfg[key] for key in cfg if key != "hydra"}
+        resolved = OmegaConf.to_container(OmegaConf.create(ours), resolve=True, throw_on_missing=True)
+    return OmegaConf.create(resolved)
+
+
+def test_groups_are_not_empty():
+    assert "llava15" in MODELS and "llava15_tiny" in MODELS
+    assert {"off", "low", "mid", "high", "tome_94", "tome_209", "tome_393"} <= set(DYMUS)
+    assert "sample" in BENCHMARKS
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("dymu", DYMUS)
+@pytest.mark.parametrize("benchmark", BENCHMARKS)
+def test_eval_config_composes(model, dymu, benchmark, tmp_path):
+    cfg = composed("eval", [f"model={model}", f"dymu={dymu}", f"benchmark={benchmark}", f"paths.output_dir={tmp_path}"])
+    assert cfg.model.name == model and cfg.dymu.name == dymu and cfg.benchmark.name == benchmark
+    assert Path(cfg.output_dir) == tmp_path / "eval" / model / dymu / benchmark
+    assert cfg.dymu.mode in ("off", "threshold", "tome")
+    if cfg.dymu.mode == "threshold":
+        assert cfg.dymu.variant in cfg.model.thresholds
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("variant", ["low", "mid", "high"])
+def test_find_thresholds_config_composes(model, variant):
+    overrides = [f"model={model}", f"variant={variant}"]
+    if model == "llava15":
+        overrides.append("data.images=/somewhere")
+    cfg = composed("find_thresholds", overrides)
+    assert cfg.target_tokens == {"low": 94, "mid": 209, "high": 393}[variant]
+    assert str(cfg.output) == str(cfg.model.thresholds[variant])
