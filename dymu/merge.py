@@ -93,6 +93,9 @@ def bipartite_match(
     metric = metric.float()
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = metric[:, ::2], metric[:, 1::2]  # (B, Na, D), (B, Nb, D)
+    if b.shape[1] == 0:  # a single token: nothing to match
+        shape = a.shape[:2]
+        return a.new_full(shape, -torch.inf), torch.zeros(shape, dtype=torch.long, device=a.device)
     scores = (a @ b.transpose(-1, -2)).clamp_(-1.0, 1.0)  # (B, Na, Nb)
     if padding_mask is not None:
         scores.masked_fill_(~padding_mask[:, None, 1::2], -torch.inf)

@@ -256,6 +256,11 @@ def find_thresholds(
     was_patched = is_patched(vision_model)
     device = next(vision_model.parameters()).device
     dtype = next(vision_model.parameters()).dtype
+    if was_patched and vision_model.encoder._dymu.num_layers != n_run:
+        raise ValueError(
+            f"the vision model is already patched to run {vision_model.encoder._dymu.num_layers} layers, but "
+            f"feature_layer={feature_layer} needs {n_run}; pass the same feature_layer or call dymu.remove(model)."
+        )
     rule = BatchBudgetRule(schedule, device=device)
     if not was_patched:
         apply_dtome(vision_model, rule, feature_layer=feature_layer)

@@ -53,6 +53,7 @@ class VTUInputs:
         if self.mode not in ("expand", "exact"):
             raise ValueError(f"VTUInputs.mode must be 'expand' or 'exact', got {self.mode!r}.")
         self.group_index = self.group_index.long()
+        self.check()
         if self.position_ids is None:
             self.position_ids = (self.attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         weights = self.attention_mask.to(torch.float32)
@@ -65,11 +66,13 @@ class VTUInputs:
         return self.group_index.shape[1]
 
     def check(self) -> None:
-        """Validate index ranges (one host sync; called once per prefill).
+        """Validate index ranges (one host sync; runs once, when the inputs are built).
 
         Raises:
             ValueError: a group index outside ``[0, merged_length)``.
         """
+        if self.group_index.numel() == 0:
+            return
         lo, hi = torch.stack([self.group_index.min(), self.group_index.max()]).tolist()
         if lo < 0 or hi >= self.merged_length:
             raise ValueError(f"VTUInputs.group_index must lie in [0, {self.merged_length}), found [{lo}, {hi}].")

@@ -155,6 +155,12 @@ def test_find_thresholds_rejects_impossible_budgets():
         dymu.find_thresholds(tiny_clip(2), batches(1), progress=False)
 
 
+def test_find_thresholds_on_a_tower_patched_for_another_feature_layer_says_so():
+    model = dymu.apply_dtome(tiny_clip(3), dymu.ThresholdRule([1.0] * 3), feature_layer=-2)
+    with pytest.raises(ValueError, match="already patched to run 2 layers"):
+        dymu.find_thresholds(model, batches(1), schedule=[2, 2, 2], feature_layer=-1, progress=False)
+
+
 def _calibrate_rank(rank: int, world: int, init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

@@ -131,7 +131,6 @@ class VTUDecoderMixin:
                 f"VTU prefill got {bsz} x {lm} merged tokens but vtu describes {vtu.group_index.shape[0]} x "
                 f"{vtu.merged_length}; build inputs and VTUInputs together (llava.build_inputs)."
             )
-        vtu.check()
         positions = vtu.position_ids.to(inputs_embeds.device)
         mask = create_causal_mask(
             config=self.config,

@@ -167,7 +167,7 @@ class DToMeCLIPVisionModelMixin:
         output_hidden_states: bool = False,
         **kwargs,
     ) -> DToMeVisionOutput:
-        x = self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype), interpolate_pos_encoding)
+        x = self.embeddings(pixel_values, interpolate_pos_encoding)
         x = self.pre_layrnorm(x)
         enc = self.encoder(x, merge_rule=merge_rule, output_hidden_states=output_hidden_states)
         last = enc.last_hidden_state
