@@ -158,15 +158,11 @@ def select_batch_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     """
     flat = scores.reshape(-1)
     k = max(0, min(int(k), flat.numel()))
-    top = flat.topk(min(k + 1, flat.numel())).values if flat.numel() else flat
+    top = flat.topk(min(k + 1, flat.numel()))
     selected = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        selected[flat.topk(k).indices] = True
-        selected &= torch.isfinite(flat)
-    if top.numel() > k:
-        threshold = top[k]
-    else:
-        threshold = flat.new_tensor(-torch.inf)
+    selected[top.indices[:k]] = True
+    selected &= torch.isfinite(flat)
+    threshold = top.values[k] if top.values.numel() > k else flat.new_tensor(-torch.inf)
     threshold = torch.nan_to_num(threshold, neginf=0.0).clamp_min(0.0)
     return selected.view_as(scores), threshold
 
