@@ -139,10 +139,12 @@ class DyMULlava:
 
     @property
     def device(self) -> torch.device:
+        """Device of the model's weights."""
         return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """Dtype of the model's weights (pixels are cast to it)."""
         return self.model.dtype
 
     # -------------------------------------------------------------- images
