@@ -53,3 +53,12 @@ def test_find_thresholds_config_composes(model, variant):
     cfg = composed("find_thresholds", overrides)
     assert cfg.target_tokens == {"low": 94, "mid": 209, "high": 393}[variant]
     assert str(cfg.output) == str(cfg.model.thresholds[variant])
+
+
+def test_multirun_sweep_dir_resolves_before_any_job(tmp_path):
+    """Hydra resolves hydra.sweep.dir before HydraConfig exists: it must not need ${hydra:...}."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=["model=llava15_tiny"], return_hydra_config=True)
+    HydraConfig.instance().cfg = None  # as at sweep time
+    assert str(cfg.hydra.sweep.dir).endswith("eval/multirun")
