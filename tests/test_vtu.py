@@ -8,18 +8,23 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import dymu
 from dymu import VTUInputs
 
 WIDTH = 64
 
-pytestmark = pytest.mark.parametrize("attn", ["eager", "sdpa"])
+# "<decoder family>-<attention kernel>": every property runs on Llama (LLaVA-1.5) and Qwen2 (LLaVA-OV)
+pytestmark = pytest.mark.parametrize("attn", ["llama-eager", "llama-sdpa", "qwen2-eager", "qwen2-sdpa"])
+
+_FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 
 
-def _model(attn: str, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(
+def _model(attn: str, layers: int = 2, seed: int = 0):
+    family, kernel = attn.split("-")
+    config_cls, model_cls = _FAMILIES[family]
+    config = config_cls(
         hidden_size=WIDTH,
         intermediate_size=128,
         num_attention_heads=4,
@@ -27,11 +32,11 @@ def _model(attn: str, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
         num_hidden_layers=layers,
         vocab_size=128,
         max_position_embeddings=256,
-        attn_implementation=attn,
+        attn_implementation=kernel,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    assert model.config._attn_implementation == attn
+    model = model_cls(config).eval()
+    assert model.config._attn_implementation == kernel
     return model
 
 
@@ -266,3 +271,24 @@ def test_merged_length_mismatch_raises_value_error(attn):
     lay = _layout(MERGED, seed=8)
     with pytest.raises(ValueError, match="merged"):
         model(inputs_embeds=lay.embeds[:, 1:], attention_mask=lay.mask[:, 1:], vtu=lay.vtu())
+
+
+def test_qwen2_sliding_window_layers_identity(attn):
+    """Qwen2 layers with a sliding window shorter than the prompt: all-size-1 groups still equal the host."""
+    if not attn.startswith("qwen2"):
+        pytest.skip("sliding windows are a Qwen2 feature")
+    torch.manual_seed(3)
+    config = Qwen2Config(hidden_size=WIDTH, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, vocab_size=128, use_sliding_window=True, sliding_window=5,
+                         max_window_layers=1, attn_implementation=attn.split("-")[1])
+    assert "sliding_attention" in config.layer_types
+    model = Qwen2ForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        dymu.apply_vtu(model)
+        vtu = VTUInputs(group_index=torch.arange(12).expand(2, 12), attention_mask=mask, merged_length=12)
+        out = model(input_ids=ids, attention_mask=mask, vtu=vtu).logits
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=0)

@@ -7,6 +7,7 @@ import logging
 import torch.nn as nn
 from transformers.models.clip import modeling_clip
 from transformers.models.llama import modeling_llama
+from transformers.models.qwen2 import modeling_qwen2
 
 from ..merge import FixedRRule, MergeRule, ThresholdRule
 from ..thresholds import Thresholds
@@ -27,6 +28,7 @@ _VIT_HOSTS = {
 # host decoder class -> (attention class, host module for RoPE / eager functions)
 _DECODER_HOSTS = {
     modeling_llama.LlamaModel: (modeling_llama.LlamaAttention, modeling_llama),
+    modeling_qwen2.Qwen2Model: (modeling_qwen2.Qwen2Attention, modeling_qwen2),
 }
 
 
@@ -145,8 +147,8 @@ def apply_vtu(model: nn.Module) -> nn.Module:
     merged tokens; without ``vtu`` the model behaves exactly as before.
 
     Args:
-        model: ``LlamaModel`` / ``LlamaForCausalLM`` / ``LlavaForConditionalGeneration`` (anything
-            containing a supported decoder).
+        model: ``LlamaModel`` / ``Qwen2Model`` or anything containing one (``LlamaForCausalLM``,
+            ``Qwen2ForCausalLM``, ``LlavaForConditionalGeneration``, ...).
 
     Returns:
         ``model`` (patched in place).

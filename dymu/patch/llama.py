@@ -1,4 +1,7 @@
-"""VTU for transformers' RoPE decoders: ``LlamaModel`` / ``LlamaAttention`` (LLaVA-1.5's LLM).
+"""VTU for transformers' RoPE decoders: ``LlamaModel`` (LLaVA-1.5's LLM) and ``Qwen2Model`` (LLaVA-OneVision's).
+
+Both share the same forward structure; Qwen2 adds q/k/v biases (inside the projections), GQA, an optional
+``sliding_window`` passed to the kernel, and per-layer-type masks (``config.layer_types``).
 
 Three mixins, swapped in place by :func:`dymu.apply_vtu` (no parameters added, :func:`dymu.remove`
 restores the host classes):
@@ -20,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -73,6 +76,8 @@ class VTUAttentionMixin:
             out = exact_attention(q, k, v, cos, sin, vtu, self.scaling)
         else:
             attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._dymu_eager)
+            if getattr(self, "sliding_window", None) is not None:  # Qwen2 sliding layers; None on Llama
+                kwargs["sliding_window"] = self.sliding_window
             out, _ = attention(
                 self,
                 q_virtual,
@@ -132,19 +137,23 @@ class VTUDecoderMixin:
                 f"{vtu.merged_length}; build inputs and VTUInputs together (llava.build_inputs)."
             )
         positions = vtu.position_ids.to(inputs_embeds.device)
-        mask = create_causal_mask(
+        mask_kwargs = dict(
             config=self.config,
             inputs_embeds=inputs_embeds.new_empty(bsz, vtu.virtual_length, 0),  # only shape / dtype are read
             attention_mask=vtu.attention_mask.to(inputs_embeds.device),
             past_key_values=past_key_values,
             position_ids=positions,
         )
+        layer_types = getattr(self.config, "layer_types", None) or ["full_attention"] * self.config.num_hidden_layers
+        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+        if "sliding_attention" in layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=positions)  # (B, L, D) each
         hidden_states = inputs_embeds
-        for layer in self.layers[: self.config.num_hidden_layers]:
+        for layer, layer_type in zip(self.layers[: self.config.num_hidden_layers], layer_types):
             hidden_states = layer(
                 hidden_states,
-                attention_mask=mask,
+                attention_mask=masks[layer_type],
                 position_embeddings=position_embeddings,
                 position_ids=positions,
                 past_key_values=past_key_values,
