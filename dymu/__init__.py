@@ -6,7 +6,16 @@ attention reproduces the full-length sequence. Paper: Wang et al., arXiv 2504.17
 """
 
 from .merge import FixedRRule, ThresholdRule, TokenState, constant_schedule
-from .patch import apply_dtome, apply_vtu, find_decoder, find_vision_tower, is_patched, layers_to_run, remove
+from .patch import (
+    apply_dtome,
+    apply_vtu,
+    find_decoder,
+    find_vision_tower,
+    is_patched,
+    layers_to_run,
+    remove,
+    vision_token_count,
+)
 from .patch.vit import DToMeEncoderOutput, DToMeVisionOutput
 from .thresholds import BatchBudgetRule, Thresholds, ThresholdsError, encoder_fingerprint, find_thresholds
 from .vtu import VTUInputs
@@ -29,6 +38,7 @@ __all__ = [
     "BatchBudgetRule",
     "constant_schedule",
     "layers_to_run",
+    "vision_token_count",
     "find_vision_tower",
     "find_decoder",
     "DToMeEncoderOutput",

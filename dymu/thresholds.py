@@ -214,9 +214,9 @@ def find_thresholds(
     process over all batches (every rank must call this function).
 
     Args:
-        vision_model: a ``CLIPVisionModel`` (patched or not; it is left as it was).
+        vision_model: a ``CLIPVisionModel`` or ``SiglipVisionModel`` (patched or not; left as it was).
         batches: iterable of ``(B, 3, H, W)`` preprocessed pixel batches (preprocess as at deployment).
-        target_tokens: tokens per image at the feature layer.
+        target_tokens: tokens per image at the feature layer (CLS included where the encoder has one).
         schedule: per-layer ``r_l`` (length = layers run).
         feature_layer: hidden-state index of the feature layer (-2 for LLaVA-1.5: 23 of 24 layers run).
         realised_batches: batches on which to measure the token count with the new thresholds
@@ -231,11 +231,11 @@ def find_thresholds(
         ValueError: neither or both of ``target_tokens`` / ``schedule``; a schedule of the wrong length
             or one that asks more merges than a layer can make; no batches.
     """
-    from .patch import apply_dtome, is_patched, layers_to_run, remove  # local: patch imports this module
+    from .patch import apply_dtome, is_patched, layers_to_run, remove, vision_token_count  # patch imports us
 
     config = vision_model.config
     n_run = layers_to_run(config.num_hidden_layers, feature_layer)
-    n0 = (config.image_size // config.patch_size) ** 2 + 1
+    n0, has_cls = vision_token_count(vision_model)
     if (target_tokens is None) == (schedule is None):
         raise ValueError("find_thresholds needs exactly one of target_tokens or schedule.")
     if schedule is None:
@@ -247,7 +247,7 @@ def find_thresholds(
         raise ValueError(f"schedule has {len(schedule)} entries but {n_run} encoder layers run.")
     remaining = n0
     for i, r in enumerate(schedule):
-        if r < 0 or r > (remaining + 1) // 2 - 1:  # at most |A| minus the CLS token per image
+        if r < 0 or r > (remaining + 1) // 2 - int(has_cls):  # at most |A| (minus a CLS token) per image
             raise ValueError(f"schedule asks {r} merges at layer {i} but only {remaining} tokens remain "
                              "(at most about half can merge per layer).")
         remaining -= r

@@ -369,7 +369,7 @@ def load_model(
     thresholds = _resolve_thresholds(dymu)
     if tome_target is not None:
         vision = model.config.vision_config
-        n0 = (vision.image_size // vision.patch_size) ** 2 + 1
+        n0, _ = _dymu.vision_token_count(model.model.vision_tower)
         n_run = _dymu.layers_to_run(vision.num_hidden_layers, model.config.vision_feature_layer)
         tome_r = _dymu.constant_schedule(n0 - int(tome_target), n_run)
     if thresholds is not None or tome_r is not None:

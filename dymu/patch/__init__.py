@@ -8,6 +8,7 @@ import torch.nn as nn
 from transformers.models.clip import modeling_clip
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen2 import modeling_qwen2
+from transformers.models.siglip import modeling_siglip
 
 from ..merge import FixedRRule, MergeRule, ThresholdRule
 from ..thresholds import Thresholds
@@ -15,21 +16,33 @@ from . import llama as _llama
 from . import vit as _vit
 from ._swap import check_transformers_version, is_patched, restore, swap_class
 
-__all__ = ["is_patched", "apply_dtome", "apply_vtu", "remove", "layers_to_run", "find_vision_tower", "find_decoder"]
+__all__ = ["is_patched", "vision_token_count", "apply_dtome", "apply_vtu", "remove", "layers_to_run", "find_vision_tower", "find_decoder"]
 
 logger = logging.getLogger(__name__)
 
-# host encoder class -> (vision model, encoder, layer, attention) classes and whether token 0 is a CLS token
+# host vision model class -> (its DToMe mixin, host module (eager attention), token 0 is a never-merged CLS)
 _VIT_HOSTS = {
-    modeling_clip.CLIPVisionModel: (
-        modeling_clip.CLIPEncoder, modeling_clip.CLIPEncoderLayer, modeling_clip.CLIPAttention, True, modeling_clip
-    ),
+    modeling_clip.CLIPVisionModel: (_vit.DToMeCLIPVisionModelMixin, modeling_clip, True),
+    modeling_siglip.SiglipVisionModel: (_vit.DToMeSiglipVisionModelMixin, modeling_siglip, False),
 }
 # host decoder class -> (attention class, host module for RoPE / eager functions)
 _DECODER_HOSTS = {
     modeling_llama.LlamaModel: (modeling_llama.LlamaAttention, modeling_llama),
     modeling_qwen2.Qwen2Model: (modeling_qwen2.Qwen2Attention, modeling_qwen2),
 }
+
+
+def vision_token_count(vision_model: nn.Module) -> tuple[int, bool]:
+    """``(N0, has_cls)``: tokens per image before merging and whether token 0 is a protected CLS token.
+
+    577 and True for CLIP ViT-L/14-336; 729 and False for SigLIP so400m/14-384.
+
+    Raises:
+        NotImplementedError: not a supported vision model.
+    """
+    has_cls = _host_entry(vision_model, _VIT_HOSTS)[2]
+    config = vision_model.config
+    return (config.image_size // config.patch_size) ** 2 + int(has_cls), has_cls
 
 
 def layers_to_run(num_layers: int, feature_layer: int) -> int:
@@ -92,7 +105,8 @@ def apply_dtome(
     """Patch the vision encoder of ``model`` in place with DToMe (or fixed-r ToMe).
 
     Args:
-        model: a ``CLIPVisionModel`` or a model containing one (``LlavaForConditionalGeneration``).
+        model: a ``CLIPVisionModel`` / ``SiglipVisionModel`` or a model containing one
+            (``LlavaForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``).
         thresholds: per-layer thresholds (:class:`~dymu.Thresholds`, validated against the encoder), or
             any merge rule callable ``rule(layer, scores) -> mask``.
         tome_r: instead of thresholds, the fixed-r ToMe baseline with per-layer budgets ``r_l``.
@@ -127,8 +141,8 @@ def apply_dtome(
         rule = ThresholdRule(thresholds.values[:n_run])
     else:
         rule = thresholds
-    encoder_cls, layer_cls, attn_cls, protect_first, host_module = _host_entry(tower, _VIT_HOSTS)
-    swap_class(tower, _vit.DToMeCLIPVisionModelMixin)
+    model_mixin, host_module, protect_first = _host_entry(tower, _VIT_HOSTS)
+    swap_class(tower, model_mixin)
     swap_class(
         tower.encoder, _vit.DToMeEncoderMixin, _dymu=_vit.DToMeSettings(rule, n_run, protect_first)
     )

@@ -1,4 +1,5 @@
-"""DToMe for transformers' pre-LN ViT encoders: ``CLIPVisionModel`` (LLaVA-1.5's tower).
+"""DToMe for transformers' pre-LN ViT encoders: ``CLIPVisionModel`` (LLaVA-1.5's tower) and
+``SiglipVisionModel`` (LLaVA-OneVision's tower; no CLS token, so every token may merge).
 
 The mixins are swapped into the host modules in place by :func:`dymu.apply_dtome`; they add no
 parameters and :func:`dymu.remove` restores the host classes. Method: DyMU Sec. 3.1 /
@@ -179,3 +180,61 @@ class DToMeCLIPVisionModelMixin:
             group_ids=enc.group_ids,
             padding_mask=enc.padding_mask,
         )
+
+
+class DToMeSiglipVisionModelMixin:
+    """``SiglipVisionModel`` returning :class:`DToMeVisionOutput`.
+
+    Modifications (vs ``SiglipVisionModel.forward``):
+        - forwards ``merge_rule`` to the encoder and returns the merge bookkeeping;
+        - ``last_hidden_state`` is the feature layer's output *before* ``post_layernorm`` (what LLaVA
+          models read from ``hidden_states[vision_feature_layer]``);
+        - the attention-pooling head (``vision_use_head``) sees ``post_layernorm`` of the merged tokens with
+          proportional attention: ``log s_j`` added to each key's logit, padding keys masked (DyMU applies
+          the size bias wherever tokens are attended over).
+    """
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        merge_rule: MergeRule | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> DToMeVisionOutput:
+        x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        enc = self.encoder(x, merge_rule=merge_rule, output_hidden_states=output_hidden_states)
+        last = enc.last_hidden_state
+        pooled = None
+        if getattr(self, "use_head", False):
+            merged = enc.padding_mask is not None or last.shape[1] != enc.group_ids.shape[1]
+            state = TokenState(enc.token_sizes, enc.group_ids, enc.padding_mask, merged=merged)
+            pooled = _attention_pool(self.head, self.post_layernorm(last), attention_bias(state, last.dtype))
+        return DToMeVisionOutput(
+            last_hidden_state=last,
+            pooler_output=pooled,
+            hidden_states=enc.hidden_states,
+            token_sizes=enc.token_sizes,
+            group_ids=enc.group_ids,
+            padding_mask=enc.padding_mask,
+        )
+
+
+def _attention_pool(head: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """SigLIP's multihead attention pooling with an additive key bias.
+
+    Args:
+        head: ``SiglipMultiheadAttentionPoolingHead`` (``probe``, ``attention``, ``layernorm``, ``mlp``).
+        x: ``(B, N, C)`` normalised tokens.
+        bias: ``(B, 1, 1, N)`` from :func:`~dymu.merge.attention_bias`, or None (then exactly the host's head).
+
+    Returns:
+        ``(B, C)`` pooled features.
+    """
+    probe = head.probe.expand(x.shape[0], -1, -1)  # (B, 1, C)
+    mask = None
+    if bias is not None:  # nn.MultiheadAttention takes a (B * H, 1, N) additive float mask
+        mask = bias[:, 0].repeat_interleave(head.attention.num_heads, dim=0).to(x.dtype)
+    h = head.attention(probe, x, x, attn_mask=mask, need_weights=False)[0]  # (B, 1, C)
+    h = h + head.mlp(head.layernorm(h))
+    return h[:, 0]
