@@ -14,10 +14,18 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoProcessor,
+    AutoTokenizer,
+    LlavaForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+)
 
 import dymu as _dymu
 from dymu.thresholds import Thresholds, ThresholdsError
@@ -67,10 +75,11 @@ class EncodedImages:
     """Merged visual tokens of a list of images, ready for the LLM.
 
     Attributes:
-        features: per image ``(n_i, C_llm)`` projected merged tokens, in raster order (by the smallest
-            original patch index of each group).
-        group_index: per image ``(P,)`` long, the merged token in ``[0, n_i)`` of every original patch in
-            raster order (``P`` = 576 for LLaVA-1.5; CLS dropped with the "default" strategy).
+        features: per image ``(n_i, C_llm)`` merged tokens as fed to the LLM (LLaVA-1.5: projected merged
+            patches in raster order, by the smallest original patch index of each group).
+        group_index: per image ``(V_i,)`` long, the merged token in ``[0, n_i)`` of every position of the
+            image's virtual (unmodified-model) layout (LLaVA-1.5: the 576 patches in raster order, CLS
+            dropped with the "default" strategy).
     """
 
     features: list[torch.Tensor]
@@ -134,8 +143,6 @@ class DyMULlava:
             raise NotImplementedError(f"vision_feature_select_strategy {config.vision_feature_select_strategy!r}")
         self.image_token_id = config.image_token_id
         self.tower = model.model.vision_tower
-        grid = config.vision_config.image_size // config.vision_config.patch_size
-        self.patches_per_image = grid * grid + (1 if config.vision_feature_select_strategy == "full" else 0)
 
     @property
     def device(self) -> torch.device:
@@ -194,6 +201,15 @@ class DyMULlava:
             groups.append(rank[gid])
         return EncodedImages(features=features, group_index=groups)
 
+    def encode_prompt_images(self, images: Sequence[Sequence[ImageLike]]) -> EncodedImages:
+        """Encode the images of a batch of prompts (per prompt, its images), flattened in prompt order."""
+        flat = [img for imgs in images for img in imgs]
+        return self.encode_images(self.preprocess(flat)) if flat else EncodedImages([], [])
+
+    def prompt(self, question: str, num_images: int = 1) -> str:
+        """The model's chat prompt for one question (LLaVA-1.5: the vicuna_v1 template)."""
+        return build_prompt(question, num_images=num_images)
+
     # ------------------------------------------------------------- prompts
     def build_inputs(self, prompts: Sequence[str], images: Sequence[Sequence[ImageLike]]) -> LlavaInputs:
         """Tokenise prompts, encode their images, and lay out the merged batch (left padding).
@@ -209,8 +225,7 @@ class DyMULlava:
         """
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists.")
-        flat = [img for imgs in images for img in imgs]
-        encoded = self.encode_images(self.preprocess(flat)) if flat else EncodedImages([], [])
+        encoded = self.encode_prompt_images(images)
         embed = self.model.get_input_embeddings()
         merged_embeds, virtual_groups, merged_lengths, visual_tokens = [], [], [], []
         next_image = 0
@@ -281,7 +296,7 @@ class DyMULlava:
         """Answer questions about images (greedy by default).
 
         Args:
-            questions: user texts (placeholders are added unless present; see ``build_prompt``).
+            questions: user texts (placeholders are added unless present; see :meth:`prompt`).
             images: per question a list of images, or one image per question.
             max_new_tokens: answer length limit.
             generate_kwargs: passed to ``model.generate``.
@@ -290,7 +305,7 @@ class DyMULlava:
             ``(answers, inputs)``; ``inputs.visual_tokens`` gives the visual token count per question.
         """
         images = [[im] if isinstance(im, (Image.Image, str, os.PathLike)) else list(im) for im in images]
-        prompts = [build_prompt(q, num_images=len(imgs)) for q, imgs in zip(questions, images)]
+        prompts = [self.prompt(q, num_images=len(imgs)) for q, imgs in zip(questions, images)]
         inputs = self.build_inputs(prompts, images)
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
@@ -327,12 +342,14 @@ def load_model(
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
     image_aspect_ratio: str = "pad",
+    layout: str = "faithful",
     local_files_only: bool | None = None,
 ) -> DyMULlava:
-    """Load a LLaVA-1.5 checkpoint (hub id or local path) with DyMU applied.
+    """Load a LLaVA-1.5 or LLaVA-OneVision checkpoint (hub id or local path) with DyMU applied.
 
     Args:
-        name_or_path: e.g. ``"llava-hf/llava-1.5-7b-hf"`` or a local directory from ``save_pretrained``.
+        name_or_path: e.g. ``"llava-hf/llava-1.5-7b-hf"``, ``"llava-hf/llava-onevision-qwen2-7b-ov-hf"`` or a
+            local directory from ``save_pretrained``.
         dymu: thresholds (object, JSON path, or packaged name such as
             ``"clip-vit-large-patch14-336_openai_low_published"``); ``None`` / ``"off"`` for no merging.
         tome_r: instead of thresholds, the fixed-r ToMe baseline (per-layer ``r``).
@@ -343,8 +360,12 @@ def load_model(
         dtype: weights dtype (``"auto"``: as saved).
         device: where to put the model.
         attn_implementation: ``"eager"`` / ``"sdpa"`` / ... (default: transformers' choice).
-        image_aspect_ratio: ``"pad"`` or ``"crop"`` (see :class:`DyMULlava`).
+        image_aspect_ratio: LLaVA-1.5: ``"pad"`` or ``"crop"`` (see :class:`DyMULlava`).
+        layout: LLaVA-OneVision: ``"faithful"`` or ``"paper"`` (see :mod:`llava.onevision`).
         local_files_only: never contact the Hub (default: True when ``HF_HUB_OFFLINE=1``).
+
+    Returns:
+        :class:`DyMULlava`, or :class:`~llava.onevision.DyMULlavaOnevision` for a LLaVA-OneVision checkpoint.
 
     Raises:
         OSError: the checkpoint cannot be found; the message says how to pass a local path.
@@ -354,10 +375,16 @@ def load_model(
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     kwargs = dict(local_files_only=local_files_only)
     try:
-        processor = AutoProcessor.from_pretrained(name_or_path, **kwargs)
-        model = LlavaForConditionalGeneration.from_pretrained(
-            name_or_path, dtype=dtype, attn_implementation=attn_implementation, **kwargs
-        )
+        onevision = AutoConfig.from_pretrained(name_or_path, **kwargs).model_type == "llava_onevision"
+        if onevision:  # its processor also wants a video processor (torchvision); the two parts suffice
+            processor = SimpleNamespace(
+                tokenizer=AutoTokenizer.from_pretrained(name_or_path, **kwargs),
+                image_processor=AutoImageProcessor.from_pretrained(name_or_path, **kwargs),
+            )
+        else:
+            processor = AutoProcessor.from_pretrained(name_or_path, **kwargs)
+        model_cls = LlavaOnevisionForConditionalGeneration if onevision else LlavaForConditionalGeneration
+        model = model_cls.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     except OSError as err:
         raise OSError(
             f"could not load LLaVA checkpoint '{name_or_path}': it is not a local directory and could not be "
@@ -376,4 +403,8 @@ def load_model(
         _dymu.apply_dtome(model, thresholds, tome_r=list(tome_r) if tome_r is not None else None)
     if vtu:
         _dymu.apply_vtu(model)
+    if onevision:
+        from .onevision import DyMULlavaOnevision
+
+        return DyMULlavaOnevision(model, processor, vtu=vtu, layout=layout)
     return DyMULlava(model, processor, vtu=vtu, image_aspect_ratio=image_aspect_ratio)

@@ -441,3 +441,70 @@ def ensure_tiny_thresholds(path: str | os.PathLike, targets: dict[str, int] | No
                                    source=f"llava.tiny.ensure_tiny_thresholds ({variant})")
             thresholds.save(files[variant])
     return files
+
+
+# -------------------------------------------------------------------------------- LLaVA-OneVision
+ONEVISION_SPECIAL_TOKENS = ("<image>", "<video>", "<|im_start|>", "<|im_end|>")
+
+
+def build_tiny_llava_onevision(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Build a tiny LLaVA-OneVision-shaped checkpoint with **random weights** and save it to ``path``.
+
+    For offline tests and demos only. Keeps LLaVA-OneVision's token geometry: SigLIP at 384 px with 14 px
+    patches (729 tokens per crop, no CLS), AnyRes with the OneVision grid pinpoints (384 to 2304 px) and
+    ``anyres_max_9``, features from the last tower layer, a learned ``image_newline``, a Qwen2 decoder
+    (q/k/v biases, GQA). Widths are tiny (vision 64, 4 layers; text 128, 2 layers).
+
+    Writes the model, the tokenizer (:func:`build_tiny_tokenizer` plus the OneVision special tokens) and the
+    PIL image processor separately (LLaVA-OneVision's combined processor needs a torchvision video
+    processor), and the :data:`MARKER_FILE`.
+    """
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(ONEVISION_SPECIAL_TOKENS)})
+    reference = LlavaOnevisionConfig()  # upstream defaults: grid pinpoints, anyres_max_9, token geometry
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(
+            image_size=384, patch_size=14, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+            num_attention_heads=4, vision_use_head=False, layer_norm_eps=1e-6,
+        ),
+        text_config=Qwen2Config(
+            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=_round_up(len(tokenizer), 64), max_position_embeddings=32768,
+            rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=reference.image_grid_pinpoints,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaOnevisionForConditionalGeneration(config).to(torch.float32).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    LlavaOnevisionImageProcessorPil(
+        size={"height": 384, "width": 384}, image_grid_pinpoints=reference.image_grid_pinpoints, do_pad=True,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    ).save_pretrained(path)
+    marker = {
+        "name": "tiny-llava-onevision (DyMU test checkpoint)",
+        "random_weights": True,
+        "seed": seed,
+        "note": "Randomly initialised weights for offline tests and demos only; not a trained model.",
+        "builder": f"{__name__}.build_tiny_llava_onevision",
+        "transformers_version": transformers.__version__,
+    }
+    (path / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    logger.info("built tiny LLaVA-OneVision (random weights, seed=%d) in %s", seed, path)
+    return path

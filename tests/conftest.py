@@ -27,3 +27,11 @@ def tiny_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_path(tiny_cache) -> Path:
     return tiny_cache / "llava15_tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_ov_path(tmp_path_factory) -> Path:
+    """The embedded tiny LLaVA-OneVision checkpoint (random weights)."""
+    from llava.tiny import build_tiny_llava_onevision
+
+    return build_tiny_llava_onevision(tmp_path_factory.mktemp("tiny_ov") / "llava_ov_tiny")

@@ -1,0 +1,120 @@
+"""LLaVA-OneVision adapter: faithful AnyRes layout (unpadding, newlines, anyres_max_9 downsampling), paper
+layout, batching and multi-image prompts, exact against the stock transformers model."""
+
+import pytest
+import torch
+from PIL import Image
+
+import dymu
+import llava
+from conftest import SAMPLE_IMAGES
+from llava.onevision import _MIXED, _NEWLINE, build_onevision_prompt, virtual_layout
+
+QUESTION = "What is this?"
+
+
+def photo(name: str, size=None) -> Image.Image:
+    image = Image.open(SAMPLE_IMAGES / f"{name}.jpg").convert("RGB")
+    return image.resize(size) if size else image
+
+
+# chelsea 451x300: crop grid unpadded by rows; page 384x191: heavy unpadding; 1800x1300: anyres_max_9 downsampling
+IMAGES = {"unpad": ("chelsea", None), "unpad_strong": ("page", None), "downsample": ("astronaut", (1800, 1300))}
+
+
+def merge_nothing(pipe) -> dymu.Thresholds:
+    vis = pipe.model.config.vision_config
+    return dymu.Thresholds(values=[1.0] * vis.num_hidden_layers, encoder=dymu.encoder_fingerprint(vis),
+                           num_layers=vis.num_hidden_layers, feature_layer=-1)
+
+
+def stock_logits(stock, image):
+    """The unmodified model on the stock layout: <image> expanded to the host's packed feature count."""
+    processed = stock.image_processor([image], return_tensors="pt")
+    config = stock.model.config
+    with torch.no_grad():
+        features = stock.model.model.get_image_features(
+            pixel_values=processed["pixel_values"], image_sizes=processed["image_sizes"],
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            vision_aspect_ratio=config.vision_aspect_ratio,
+        ).pooler_output[0]
+        ids = stock.tokenizer(build_onevision_prompt(QUESTION), return_tensors="pt")["input_ids"][0]
+        slot = (ids == config.image_token_id).nonzero().item()
+        expanded = torch.cat([ids[:slot], torch.full((features.shape[0],), config.image_token_id), ids[slot + 1:]])
+        logits = stock.model(input_ids=expanded[None], pixel_values=processed["pixel_values"],
+                             image_sizes=processed["image_sizes"]).logits[0]
+    return logits, features.shape[0]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("case", sorted(IMAGES))
+def test_faithful_layout_with_nothing_merged_reproduces_stock_logits(tiny_ov_path, attn, case):
+    stock = llava.load_model(tiny_ov_path, vtu=False, attn_implementation=attn)
+    pipe = llava.load_model(tiny_ov_path, dymu=merge_nothing(stock), vtu=True, attn_implementation=attn)
+    image = photo(*IMAGES[case])
+    ref, n_visual = stock_logits(stock, image)
+    inputs = pipe.build_inputs([build_onevision_prompt(QUESTION)], [[image]])
+    assert inputs.visual_tokens == [n_visual]
+    logits = pipe.forward(inputs).logits[0]
+    assert logits.shape == ref.shape
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+
+
+def test_virtual_layout_keys(tiny_ov_path):
+    pipe = llava.load_model(tiny_ov_path, vtu=False)
+    host = pipe.model.model
+    for case, expect_mixed in (("unpad", False), ("downsample", True)):
+        image = photo(*IMAGES[case])
+        processed = pipe.image_processor([image], return_tensors="pt")
+        n_crops = int((processed["pixel_values"][0].flatten(1).abs().sum(-1) > 0).sum())
+        crop_ids = torch.arange(n_crops * 729).view(n_crops, 729)  # nothing merged: every patch its own group
+        keys = virtual_layout(host, crop_ids, processed["image_sizes"][0], "anyres_max_9")
+        assert torch.equal(keys[:729], torch.arange(729))  # base image raster first
+        assert keys[729:].eq(_NEWLINE).sum() >= 1 and keys[-1] == _NEWLINE  # a newline ends every grid row
+        assert bool((keys == _MIXED).any()) == expect_mixed  # only the downsampling mixes patches
+        groups = keys[keys >= 0]
+        assert groups.unique().numel() == groups.numel()  # no patch twice
+        # downsampling: a position whose bilinear sources all lie in one group joins it
+        one_group = torch.zeros_like(crop_ids)
+        one_group[1:] = 1  # base crop = group 0, all grid crops = group 1
+        keys = virtual_layout(host, one_group, processed["image_sizes"][0], "anyres_max_9")
+        assert set(keys.unique().tolist()) == {0, 1, _NEWLINE}
+
+
+@pytest.mark.parametrize("layout", ["faithful", "paper"])
+def test_merging_batch_equals_single(tiny_ov_path, layout):
+    base = llava.load_model(tiny_ov_path, vtu=False)
+    vis = base.model.config.vision_config
+    thresholds = dymu.Thresholds(values=[0.6] * 4, encoder=dymu.encoder_fingerprint(vis), num_layers=4, feature_layer=-1)
+    pipe = llava.load_model(tiny_ov_path, dymu=thresholds, vtu=True, layout=layout)
+    images = [SAMPLE_IMAGES / "chelsea.jpg", SAMPLE_IMAGES / "page.jpg", SAMPLE_IMAGES / "coffee.jpg"]
+    answers, inputs = pipe.generate([QUESTION] * 3, images, max_new_tokens=4)
+    logits = pipe.forward(inputs).logits
+    unmerged = [base.build_inputs([build_onevision_prompt(QUESTION)], [[im]]).visual_tokens[0] for im in images]
+    for b, image in enumerate(images):
+        assert inputs.visual_tokens[b] < unmerged[b] / 4
+        single_answers, single = pipe.generate([QUESTION], [image], max_new_tokens=4)
+        assert single_answers == [answers[b]] and single.visual_tokens == [inputs.visual_tokens[b]]
+        n = single.inputs_embeds.shape[1]
+        torch.testing.assert_close(pipe.forward(single).logits[0], logits[b, -n:], atol=1e-4, rtol=1e-4)
+
+
+def test_paper_layout_is_flat_crops_without_newlines(tiny_ov_path):
+    stock = llava.load_model(tiny_ov_path, vtu=False)
+    pipe = llava.load_model(tiny_ov_path, dymu=merge_nothing(stock), vtu=True, layout="paper")
+    image = photo("chelsea")
+    inputs = pipe.build_inputs([build_onevision_prompt(QUESTION)], [[image]])
+    processed = stock.image_processor([image], return_tensors="pt")
+    n_crops = int((processed["pixel_values"][0].flatten(1).abs().sum(-1) > 0).sum())
+    assert inputs.visual_tokens == [n_crops * 729]  # every crop's every patch, no unpadding, no newline
+    text = inputs.vtu.virtual_length - n_crops * 729
+    assert text == len(stock.tokenizer(build_onevision_prompt(QUESTION))["input_ids"]) - 1
+
+
+def test_several_images_in_one_prompt_use_the_base_crop_and_one_newline_each(tiny_ov_path):
+    stock = llava.load_model(tiny_ov_path, vtu=False)
+    pipe = llava.load_model(tiny_ov_path, dymu=merge_nothing(stock), vtu=True)
+    prompt = build_onevision_prompt("Compare them.", num_images=2)
+    inputs = pipe.build_inputs([prompt], [[photo("chelsea"), photo("coffee")]])
+    assert inputs.visual_tokens == [2 * (729 + 1)]
