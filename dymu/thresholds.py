@@ -59,10 +59,11 @@ class Thresholds:
         feature_layer: hidden-state index whose output feeds the LLM (e.g. -2 for LLaVA-1.5).
         schedule: per-layer merge budget ``r_l`` used for calibration (per image).
         target_tokens: tokens per image the schedule leaves at the feature layer (CLS included).
-        num_images: calibration images.
+        num_images: encoder inputs seen during calibration (images; crops for AnyRes models, whose image
+            count is then in ``extra["images"]``).
         dtype: calibration dtype.
-        realised_tokens: ``{"mean", "std", "num_images"}`` tokens per image at the feature layer
-            (CLS included) when these thresholds are applied to the calibration images.
+        realised_tokens: ``{"mean", "std", "num_images"}`` tokens per encoder input (image or crop) at the
+            feature layer (CLS included) when these thresholds are applied to calibration inputs.
         source: where the values come from (calibration run, or a publication).
         extra: anything else worth recording (model path, seed, image list, date).
     """

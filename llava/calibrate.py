@@ -1,7 +1,8 @@
 """Threshold calibration for LLaVA models: image lists, deployment preprocessing, data-parallel sharding.
 
 The method itself lives in :func:`dymu.find_thresholds`; this module feeds it batches preprocessed exactly
-as at deployment (LLaVA-1.5: pad to square with the mean colour, then 336x336), and shards whole batches
+as at deployment (LLaVA-1.5: pad to square with the mean colour, then 336x336; LLaVA-OneVision: the
+AnyRes base image and grid crops), and shards whole batches
 over ``torch.distributed`` ranks so N ranks see the same batches as one process.
 """
 
@@ -67,7 +68,7 @@ class _Images(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.pipe.preprocess([self.paths[i]])[0]
+        return self.pipe.crops(self.paths[i])  # (n_crops, 3, H, W) as deployed
 
 
 def _batches_for_rank(n: int, batch_size: int, seed: int, rank: int, world: int) -> list[list[int]]:
@@ -94,9 +95,10 @@ def calibrate(
     Args:
         pipe: the loaded model (its tower may be patched or not; it is left as it was).
         images: calibration image files (shuffled with ``seed``, then cut into batches).
-        target_tokens: tokens per image (CLS included) to leave at the feature layer, e.g. 94 / 209 / 393
+        target_tokens: tokens per crop (CLS included) to leave at the feature layer, e.g. 94 / 209 / 393
             for LLaVA-1.5's low / mid / high (budgets r = 21 / 16 / 8 over 23 layers).
-        batch_size: images per batch ``B`` (the budget is batch-level: top ``B * r_l`` edges).
+        batch_size: images per batch; all their crops (one for LLaVA-1.5, the AnyRes crops for
+            LLaVA-OneVision) form the batch of ``B`` crops whose budget is the top ``B * r_l`` edges.
         seed: shuffling seed.
         num_workers: DataLoader workers for image decoding and preprocessing.
         realised_max_images: measure the realised token count on the first this-many images (None: all).
@@ -110,12 +112,12 @@ def calibrate(
     rank = dist.get_rank() if world > 1 else 0
     dataset = _Images(images, pipe)
     batches = _batches_for_rank(len(dataset), batch_size, seed, rank, world)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=torch.cat)
     realised_loader = None
     if realised_max_images != 0:
         limit = len(dataset) if realised_max_images is None else min(realised_max_images, len(dataset))
         subset = _batches_for_rank(limit, batch_size, seed, rank, world)
-        realised_loader = DataLoader(dataset, batch_sampler=subset, num_workers=num_workers)
+        realised_loader = DataLoader(dataset, batch_sampler=subset, num_workers=num_workers, collate_fn=torch.cat)
     config = pipe.model.config
     return find_thresholds(
         pipe.tower,
@@ -165,10 +167,10 @@ def calibrate_from_config(cfg: Mapping) -> Thresholds:
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     try:
-        if model_cfg.get("build") == "tiny_llava15":
-            from .tiny import ensure_tiny_llava15
+        if model_cfg.get("build"):
+            from .factory import build_embedded
 
-            ensure_tiny_llava15(str(model_cfg["name_or_path"]))
+            build_embedded(model_cfg, thresholds=False)
         pipe = load_model(
             str(model_cfg["name_or_path"]),
             dymu=None,
@@ -177,6 +179,7 @@ def calibrate_from_config(cfg: Mapping) -> Thresholds:
             device=device,
             attn_implementation=model_cfg.get("attn_implementation"),
             image_aspect_ratio=model_cfg.get("image_aspect_ratio", "pad"),
+            layout=model_cfg.get("layout", "faithful"),
         )
         images = list_images(data["images"], data.get("image_root"))
         if data.get("max_images"):

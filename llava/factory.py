@@ -2,9 +2,10 @@
 
 No Hydra import here: any mapping with the documented keys works.
 
-``model`` keys: ``name``, ``name_or_path``, ``build`` (``"tiny_llava15"`` to create the embedded tiny model
-and its thresholds on first use, else null), ``dtype``, ``attn_implementation``, ``image_aspect_ratio``,
-``thresholds`` (variant -> file or packaged name).
+``model`` keys: ``name``, ``name_or_path``, ``build`` (``"tiny_llava15"`` / ``"tiny_llava_onevision"`` to
+create an embedded tiny model and its thresholds on first use, else null), ``dtype``, ``attn_implementation``,
+``image_aspect_ratio`` (LLaVA-1.5), ``layout`` (LLaVA-OneVision), ``thresholds`` (variant -> file or
+packaged name).
 ``dymu`` keys: ``name``, ``mode`` (``off`` | ``threshold`` | ``tome``), ``variant`` (threshold mode),
 ``target_tokens`` (tome mode), ``vtu`` (bool).
 """
@@ -26,6 +27,27 @@ __all__ = ["load_from_config", "thresholds_source"]
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+_EMBEDDED = ("tiny_llava15", "tiny_llava_onevision")
+
+
+def build_embedded(model_cfg: Mapping, thresholds: bool = True) -> None:
+    """Create an embedded tiny model (``model.build``) and, unless ``thresholds=False``, its thresholds,
+    on first use.
+
+    Raises:
+        ValueError: unknown ``model.build``.
+    """
+    from .tiny import ensure_tiny_llava15, ensure_tiny_llava_onevision, ensure_tiny_thresholds
+
+    build = model_cfg.get("build")
+    if build not in _EMBEDDED:
+        raise ValueError(f"unknown model.build {build!r}; use one of {_EMBEDDED} or null.")
+    ensure = ensure_tiny_llava15 if build == "tiny_llava15" else ensure_tiny_llava_onevision
+    path = ensure(str(model_cfg["name_or_path"]))
+    if thresholds:
+        ensure_tiny_thresholds(path)
 
 
 def thresholds_source(model_cfg: Mapping, variant: str) -> str:
@@ -60,13 +82,8 @@ def load_from_config(model_cfg: Mapping, dymu_cfg: Mapping, device: str = "cpu")
         ThresholdsError / OSError: see :func:`thresholds_source` and :func:`llava.load_model`.
     """
     path = str(model_cfg["name_or_path"])
-    if model_cfg.get("build") == "tiny_llava15":
-        from .tiny import ensure_tiny_llava15, ensure_tiny_thresholds
-
-        ensure_tiny_llava15(path)
-        ensure_tiny_thresholds(path)
-    elif model_cfg.get("build"):
-        raise ValueError(f"unknown model.build {model_cfg.get('build')!r}; use 'tiny_llava15' or null.")
+    if model_cfg.get("build"):
+        build_embedded(model_cfg)
     mode = dymu_cfg.get("mode", "off")
     dtype = _DTYPES.get(str(model_cfg.get("dtype", "auto")))
     if dtype is None:
@@ -77,6 +94,7 @@ def load_from_config(model_cfg: Mapping, dymu_cfg: Mapping, device: str = "cpu")
         device=device,
         attn_implementation=model_cfg.get("attn_implementation"),
         image_aspect_ratio=model_cfg.get("image_aspect_ratio", "pad"),
+        layout=model_cfg.get("layout", "faithful"),
     )
     if mode == "off":
         return load_model(path, dymu=None, **kwargs)

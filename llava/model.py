@@ -163,6 +163,11 @@ class DyMULlava:
             pil = [expand_to_square(img, background) for img in pil]
         return self.image_processor(images=pil, return_tensors="pt")["pixel_values"]
 
+    def crops(self, image: ImageLike) -> torch.Tensor:
+        """``(n_crops, 3, H, W)``: what the vision tower sees of one image at deployment (LLaVA-1.5: one
+        crop). Threshold calibration uses this, so it sees deployment preprocessing."""
+        return self.preprocess([image])
+
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> EncodedImages:
         """Run the vision tower (DToMe if applied) and the projector.

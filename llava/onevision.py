@@ -127,6 +127,14 @@ class DyMULlavaOnevision(DyMULlava):
     def preprocess(self, images: Sequence[ImageLike]):  # pragma: no cover - use encode_prompt_images
         raise NotImplementedError("LLaVA-OneVision preprocesses per prompt (AnyRes); use encode_prompt_images.")
 
+    def crops(self, image: ImageLike) -> torch.Tensor:
+        """``(n_crops, 3, 384, 384)``: the base image and AnyRes grid crops of a single-image prompt."""
+        processed = self.image_processor([load_image(image)], return_tensors="pt")
+        config = self.model.config
+        n = image_size_to_num_patches(processed["image_sizes"][0].tolist(), config.image_grid_pinpoints,
+                                      config.vision_config.image_size)
+        return processed["pixel_values"][0, :n]
+
     @torch.no_grad()
     def encode_prompt_images(self, images: Sequence[Sequence[ImageLike]]) -> EncodedImages:
         """AnyRes-encode the images of a batch of prompts; returns merged tokens and virtual group maps.

@@ -46,6 +46,10 @@ __all__ = [
     "build_tiny_tokenizer",
     "build_tiny_llava15",
     "ensure_tiny_llava15",
+    "build_tiny_llava_onevision",
+    "ensure_tiny_llava_onevision",
+    "ensure_tiny_thresholds",
+    "export_calibration_images",
 ]
 
 logger = logging.getLogger(__name__)
@@ -322,7 +326,7 @@ def build_tiny_llava15(path: str | os.PathLike, seed: int = 0) -> Path:
     return path
 
 
-def ensure_tiny_llava15(path: str | os.PathLike, seed: int = 0) -> Path:
+def ensure_tiny_llava15(path: str | os.PathLike, seed: int = 0, builder=None) -> Path:
     """Return ``path`` holding the tiny random-weight LLaVA-1.5, building it on first use.
 
     For offline tests and demos only (the weights are random, see :func:`build_tiny_llava15`).
@@ -333,6 +337,7 @@ def ensure_tiny_llava15(path: str | os.PathLike, seed: int = 0) -> Path:
     Args:
         path: checkpoint directory. If it exists it must contain ``config.json`` or be empty.
         seed: seed for the random weights when building (ignored if the checkpoint exists).
+        builder: the build function (default :func:`build_tiny_llava15`; see :func:`ensure_tiny_llava_onevision`).
 
     Returns:
         ``path`` as a ``pathlib.Path``.
@@ -356,7 +361,7 @@ def ensure_tiny_llava15(path: str | os.PathLike, seed: int = 0) -> Path:
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        build_tiny_llava15(tmp, seed=seed)
+        (builder or build_tiny_llava15)(tmp, seed=seed)
         try:
             # Replaces `path` if it is an empty directory; fails if someone else filled it meanwhile.
             os.replace(tmp, path)
@@ -379,6 +384,10 @@ CALIBRATION_IMAGES = (
 
 TINY_TARGETS = {"low": 94, "mid": 209, "high": 393}
 """Tokens per image at the feature layer (CLS included), as LLaVA-1.5's r = 21 / 16 / 8 over 23 layers."""
+
+ONEVISION_TARGETS = {"low": 102, "mid": 182, "high": 343}
+"""Tokens per 729-token crop at the feature layer: about 14 / 25 / 47 % of the tokens, the fractions the paper
+reports for its LLaVA-OneVision low / mid / high variants."""
 
 
 def export_calibration_images(folder: str | os.PathLike, crops_per_image: int = 4, seed: int = 0) -> list[Path]:
@@ -419,8 +428,9 @@ def ensure_tiny_thresholds(path: str | os.PathLike, targets: dict[str, int] | No
     :func:`export_calibration_images`; existing files are kept.
 
     Args:
-        path: the tiny checkpoint (see :func:`ensure_tiny_llava15`).
-        targets: variant -> tokens per image at the feature layer (default :data:`TINY_TARGETS`).
+        path: the tiny checkpoint (see :func:`ensure_tiny_llava15` / :func:`ensure_tiny_llava_onevision`).
+        targets: variant -> tokens per image (crop) at the feature layer (default :data:`TINY_TARGETS`, or
+            :data:`ONEVISION_TARGETS` for a OneVision checkpoint).
 
     Returns:
         variant -> thresholds file.
@@ -429,15 +439,19 @@ def ensure_tiny_thresholds(path: str | os.PathLike, targets: dict[str, int] | No
     from .model import load_model
 
     path = Path(path)
-    targets = dict(TINY_TARGETS if targets is None else targets)
+    if targets is None:
+        onevision = json.loads((path / "config.json").read_text())["model_type"] == "llava_onevision"
+        targets = ONEVISION_TARGETS if onevision else TINY_TARGETS
+    targets = dict(targets)
     files = {v: path / "thresholds" / f"{v}.json" for v in targets}
     todo = {v: t for v, t in targets.items() if not files[v].is_file()}
     if todo:
         images = export_calibration_images(path / "calibration_images")
         pipe = load_model(path, dymu=None, vtu=False, dtype=torch.float32, local_files_only=True)
+        batch = 16 if pipe.model.config.model_type == "llava" else 4  # OneVision: several crops per image
         for variant, target in todo.items():
             logger.info("calibrating tiny thresholds '%s' (target %d tokens) on %d images", variant, target, len(images))
-            thresholds = calibrate(pipe, images, target, batch_size=16, realised_max_images=None, progress=False,
+            thresholds = calibrate(pipe, images, target, batch_size=batch, realised_max_images=None, progress=False,
                                    source=f"llava.tiny.ensure_tiny_thresholds ({variant})")
             thresholds.save(files[variant])
     return files
@@ -453,7 +467,8 @@ def build_tiny_llava_onevision(path: str | os.PathLike, seed: int = 0) -> Path:
     For offline tests and demos only. Keeps LLaVA-OneVision's token geometry: SigLIP at 384 px with 14 px
     patches (729 tokens per crop, no CLS), AnyRes with the OneVision grid pinpoints (384 to 2304 px) and
     ``anyres_max_9``, features from the last tower layer, a learned ``image_newline``, a Qwen2 decoder
-    (q/k/v biases, GQA). Widths are tiny (vision 64, 4 layers; text 128, 2 layers).
+    (q/k/v biases, GQA). Widths are tiny (vision 64, 8 layers; text 128, 2 layers). Eight tower layers
+    make the "low" budget (about 14 % of 729 tokens) feasible at at most half the tokens per layer.
 
     Writes the model, the tokenizer (:func:`build_tiny_tokenizer` plus the OneVision special tokens) and the
     PIL image processor separately (LLaVA-OneVision's combined processor needs a torchvision video
@@ -471,7 +486,7 @@ def build_tiny_llava_onevision(path: str | os.PathLike, seed: int = 0) -> Path:
     reference = LlavaOnevisionConfig()  # upstream defaults: grid pinpoints, anyres_max_9, token geometry
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(
-            image_size=384, patch_size=14, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+            image_size=384, patch_size=14, hidden_size=64, intermediate_size=256, num_hidden_layers=8,
             num_attention_heads=4, vision_use_head=False, layer_norm_eps=1e-6,
         ),
         text_config=Qwen2Config(
@@ -508,3 +523,9 @@ def build_tiny_llava_onevision(path: str | os.PathLike, seed: int = 0) -> Path:
     (path / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     logger.info("built tiny LLaVA-OneVision (random weights, seed=%d) in %s", seed, path)
     return path
+
+
+def ensure_tiny_llava_onevision(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Return ``path`` holding the tiny random-weight LLaVA-OneVision, building it on first use
+    (atomically, as :func:`ensure_tiny_llava15`)."""
+    return ensure_tiny_llava15(path, seed=seed, builder=build_tiny_llava_onevision)

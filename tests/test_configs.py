@@ -27,7 +27,7 @@ def composed(config_name: str, overrides: list[str]):
 
 
 def test_groups_are_not_empty():
-    assert "llava15" in MODELS and "llava15_tiny" in MODELS
+    assert {"llava15", "llava15_tiny", "llava_ov_0.5b", "llava_ov_7b", "llava_ov_tiny"} <= set(MODELS)
     assert {"off", "low", "mid", "high", "tome_94", "tome_209", "tome_393"} <= set(DYMUS)
     assert "sample" in BENCHMARKS
 
@@ -48,10 +48,11 @@ def test_eval_config_composes(model, dymu, benchmark, tmp_path):
 @pytest.mark.parametrize("variant", ["low", "mid", "high"])
 def test_find_thresholds_config_composes(model, variant):
     overrides = [f"model={model}", f"variant={variant}"]
-    if model == "llava15":
+    if not model.endswith("tiny"):
         overrides.append("data.images=/somewhere")
     cfg = composed("find_thresholds", overrides)
-    assert cfg.target_tokens == {"low": 94, "mid": 209, "high": 393}[variant]
+    targets = {"low": 102, "mid": 182, "high": 343} if "ov" in model else {"low": 94, "mid": 209, "high": 393}
+    assert cfg.target_tokens == targets[variant]
     assert str(cfg.output) == str(cfg.model.thresholds[variant])
 
 
@@ -62,3 +63,9 @@ def test_multirun_sweep_dir_resolves_before_any_job(tmp_path):
         cfg = compose(config_name="eval", overrides=["model=llava15_tiny"], return_hydra_config=True)
     HydraConfig.instance().cfg = None  # as at sweep time
     assert str(cfg.hydra.sweep.dir).endswith("eval/multirun")
+
+
+def test_onevision_checkpoint_switch():
+    cfg = composed("eval", ["model=llava_ov_7b", "model.checkpoint=si", "dymu=mid"])
+    assert cfg.model.name_or_path == "llava-hf/llava-onevision-qwen2-7b-si-hf"
+    assert cfg.model.thresholds.mid.endswith("llava_ov_7b_si_mid.json")

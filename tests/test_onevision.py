@@ -86,7 +86,8 @@ def test_virtual_layout_keys(tiny_ov_path):
 def test_merging_batch_equals_single(tiny_ov_path, layout):
     base = llava.load_model(tiny_ov_path, vtu=False)
     vis = base.model.config.vision_config
-    thresholds = dymu.Thresholds(values=[0.6] * 4, encoder=dymu.encoder_fingerprint(vis), num_layers=4, feature_layer=-1)
+    n = vis.num_hidden_layers
+    thresholds = dymu.Thresholds(values=[0.6] * n, encoder=dymu.encoder_fingerprint(vis), num_layers=n, feature_layer=-1)
     pipe = llava.load_model(tiny_ov_path, dymu=thresholds, vtu=True, layout=layout)
     images = [SAMPLE_IMAGES / "chelsea.jpg", SAMPLE_IMAGES / "page.jpg", SAMPLE_IMAGES / "coffee.jpg"]
     answers, inputs = pipe.generate([QUESTION] * 3, images, max_new_tokens=4)

@@ -39,6 +39,20 @@ def test_eval_script_writes_predictions_metrics_and_resumes(tiny_cache, tmp_path
     assert json.loads((out_dir / "metrics.json").read_text())["n_samples"] == 7
 
 
+def test_eval_script_runs_llava_onevision_offline(tiny_cache, tmp_path):
+    result = run_script([str(REPO / "scripts" / "eval.py"), "model=llava_ov_tiny", "dymu=mid", "benchmark=sample",
+                         "limit=3", "wandb.mode=disabled"], tiny_cache, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out_dir = tmp_path / "outputs" / "eval" / "llava_ov_tiny" / "mid" / "sample"
+    records = read_predictions(out_dir / "predictions.jsonl")
+    assert len(records) == 3 and all(r["visual_tokens"] > 0 for r in records)
+    import dymu
+
+    t = dymu.Thresholds.load(tiny_cache / "llava_ov_tiny" / "thresholds" / "mid.json")  # calibrated on first use
+    assert t.encoder.startswith("siglip_vision_model") and t.target_tokens == 182
+    assert t.num_images > t.extra["images"]  # calibration saw the AnyRes crops, not just one view per image
+
+
 def test_missing_mid_thresholds_for_llava15_fail_with_the_command_to_make_them(tiny_cache, tmp_path):
     result = run_script([str(REPO / "scripts" / "eval.py"), "model=llava15", "dymu=mid",
                          f"paths.thresholds_dir={tmp_path}/none", "wandb.mode=disabled"], tiny_cache, tmp_path)
