@@ -4,7 +4,7 @@ No Hydra import here: any mapping with the documented keys works.
 
 ``model`` keys: ``name``, ``name_or_path``, ``build`` (``"tiny_llava15"`` / ``"tiny_llava_onevision"`` to
 create an embedded tiny model and its thresholds on first use, else null), ``dtype``, ``attn_implementation``,
-``image_aspect_ratio`` (LLaVA-1.5), ``layout`` (LLaVA-OneVision), ``thresholds`` (variant -> file or
+``image_aspect_ratio`` (LLaVA-1.5), ``layout`` and ``video_pooling`` (LLaVA-OneVision), ``thresholds`` (variant -> file or
 packaged name).
 ``dymu`` keys: ``name``, ``mode`` (``off`` | ``threshold`` | ``tome``), ``variant`` (threshold mode),
 ``target_tokens`` (tome mode), ``vtu`` (bool).
@@ -95,6 +95,7 @@ def load_from_config(model_cfg: Mapping, dymu_cfg: Mapping, device: str = "cpu")
         attn_implementation=model_cfg.get("attn_implementation"),
         image_aspect_ratio=model_cfg.get("image_aspect_ratio", "pad"),
         layout=model_cfg.get("layout", "faithful"),
+        video_pooling=model_cfg.get("video_pooling", "merge"),
     )
     if mode == "off":
         return load_model(path, dymu=None, **kwargs)

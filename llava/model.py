@@ -33,7 +33,7 @@ from dymu.vtu import VTUInputs
 
 from .conversation import build_prompt
 
-__all__ = ["DyMULlava", "EncodedImages", "LlavaInputs", "load_model", "expand_to_square", "load_image"]
+__all__ = ["DyMULlava", "Video", "EncodedImages", "LlavaInputs", "load_model", "expand_to_square", "load_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,33 @@ def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Im
     square = Image.new(image.mode, (side, side), background)
     square.paste(image, ((side - w) // 2, (side - h) // 2))
     return square
+
+
+@dataclass
+class Video:
+    """A video as a prompt input: its sampled frames, in time order (for a ``<video>`` placeholder).
+
+    Attributes:
+        frames: images (PIL or paths) or a ``(F, H, W, 3)`` uint8 array / tensor.
+    """
+
+    frames: Sequence[ImageLike] | object
+
+    def images(self) -> list[Image.Image]:
+        """The frames as RGB PIL images.
+
+        Raises:
+            ValueError: no frames.
+        """
+        frames = self.frames
+        if hasattr(frames, "shape"):  # (F, H, W, 3) array or tensor
+            import numpy as np
+
+            frames = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
+        images = [load_image(f) for f in frames]
+        if not images:
+            raise ValueError("a Video needs at least one frame.")
+        return images
 
 
 @dataclass
@@ -142,6 +169,7 @@ class DyMULlava:
         if config.vision_feature_select_strategy not in ("default", "full"):
             raise NotImplementedError(f"vision_feature_select_strategy {config.vision_feature_select_strategy!r}")
         self.image_token_id = config.image_token_id
+        self.video_token_id = getattr(config, "video_token_id", None)
         self.tower = model.model.vision_tower
 
     @property
@@ -209,11 +237,13 @@ class DyMULlava:
     def encode_prompt_images(self, images: Sequence[Sequence[ImageLike]]) -> EncodedImages:
         """Encode the images of a batch of prompts (per prompt, its images), flattened in prompt order."""
         flat = [img for imgs in images for img in imgs]
+        if any(isinstance(img, Video) for img in flat):
+            raise NotImplementedError(f"{type(self).__name__} takes images only; videos need LLaVA-OneVision.")
         return self.encode_images(self.preprocess(flat)) if flat else EncodedImages([], [])
 
-    def prompt(self, question: str, num_images: int = 1) -> str:
-        """The model's chat prompt for one question (LLaVA-1.5: the vicuna_v1 template)."""
-        return build_prompt(question, num_images=num_images)
+    def prompt(self, question: str, inputs: Sequence[ImageLike | Video] = ("image",)) -> str:
+        """The model's chat prompt for one question about ``inputs`` (LLaVA-1.5: the vicuna_v1 template)."""
+        return build_prompt(question, num_images=len(inputs))
 
     # ------------------------------------------------------------- prompts
     def build_inputs(self, prompts: Sequence[str], images: Sequence[Sequence[ImageLike]]) -> LlavaInputs:
@@ -236,12 +266,17 @@ class DyMULlava:
         next_image = 0
         for s, (prompt, imgs) in enumerate(zip(prompts, images)):
             ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"][0].to(self.device)
-            slots = (ids == self.image_token_id).nonzero().flatten().tolist()
+            is_video = ids == self.video_token_id if self.video_token_id is not None else torch.zeros_like(ids).bool()
+            slots = ((ids == self.image_token_id) | is_video).nonzero().flatten().tolist()
             if len(slots) != len(imgs):
                 raise ValueError(
-                    f"prompt {s} has {len(slots)} '<image>' placeholders but {len(imgs)} images were given; "
-                    "put one placeholder per image in the prompt."
+                    f"prompt {s} has {len(slots)} '<image>'/'<video>' placeholders but {len(imgs)} images or "
+                    "videos were given; put one placeholder per image (or video) in the prompt."
                 )
+            kinds = [bool(is_video[slot]) for slot in slots]
+            if kinds != [isinstance(item, Video) for item in imgs]:
+                raise ValueError(f"prompt {s}: the order of '<image>' / '<video>' placeholders does not match the "
+                                 "inputs (pass llava.Video(frames) for each '<video>').")
             pieces, groups, offset, cursor, n_visual = [], [], 0, 0, 0
             for slot in slots + [len(ids)]:
                 text = ids[cursor:slot]
@@ -302,15 +337,15 @@ class DyMULlava:
 
         Args:
             questions: user texts (placeholders are added unless present; see :meth:`prompt`).
-            images: per question a list of images, or one image per question.
+            images: per question a list of images (or :class:`Video` s), or one per question.
             max_new_tokens: answer length limit.
             generate_kwargs: passed to ``model.generate``.
 
         Returns:
             ``(answers, inputs)``; ``inputs.visual_tokens`` gives the visual token count per question.
         """
-        images = [[im] if isinstance(im, (Image.Image, str, os.PathLike)) else list(im) for im in images]
-        prompts = [self.prompt(q, num_images=len(imgs)) for q, imgs in zip(questions, images)]
+        images = [[im] if isinstance(im, (Image.Image, str, os.PathLike, Video)) else list(im) for im in images]
+        prompts = [self.prompt(q, imgs) for q, imgs in zip(questions, images)]
         inputs = self.build_inputs(prompts, images)
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
@@ -348,6 +383,7 @@ def load_model(
     attn_implementation: str | None = None,
     image_aspect_ratio: str = "pad",
     layout: str = "faithful",
+    video_pooling: str = "merge",
     local_files_only: bool | None = None,
 ) -> DyMULlava:
     """Load a LLaVA-1.5 or LLaVA-OneVision checkpoint (hub id or local path) with DyMU applied.
@@ -367,6 +403,8 @@ def load_model(
         attn_implementation: ``"eager"`` / ``"sdpa"`` / ... (default: transformers' choice).
         image_aspect_ratio: LLaVA-1.5: ``"pad"`` or ``"crop"`` (see :class:`DyMULlava`).
         layout: LLaVA-OneVision: ``"faithful"`` or ``"paper"`` (see :mod:`llava.onevision`).
+        video_pooling: LLaVA-OneVision videos: ``"merge"`` or ``"pool"`` (see
+            :class:`~llava.onevision.DyMULlavaOnevision`).
         local_files_only: never contact the Hub (default: True when ``HF_HUB_OFFLINE=1``).
 
     Returns:
@@ -411,5 +449,5 @@ def load_model(
     if onevision:
         from .onevision import DyMULlavaOnevision
 
-        return DyMULlavaOnevision(model, processor, vtu=vtu, layout=layout)
+        return DyMULlavaOnevision(model, processor, vtu=vtu, layout=layout, video_pooling=video_pooling)
     return DyMULlava(model, processor, vtu=vtu, image_aspect_ratio=image_aspect_ratio)

@@ -31,31 +31,40 @@ import torch
 from PIL import Image
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-from .model import DyMULlava, EncodedImages, ImageLike, load_image
+from dymu import is_patched
 
-__all__ = ["DyMULlavaOnevision", "build_onevision_prompt", "virtual_layout", "LAYOUTS"]
+from .model import DyMULlava, EncodedImages, ImageLike, Video, load_image
+
+__all__ = ["DyMULlavaOnevision", "build_onevision_prompt", "virtual_layout", "pooled_layout", "LAYOUTS", "VIDEO_POOLING"]
 
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("faithful", "paper")
+VIDEO_POOLING = ("merge", "pool")
 QWEN_SYSTEM = "You are a helpful assistant."
 _NEWLINE = -1  # key of an image_newline position
 _MIXED = -2  # key of a downsampled position that mixes several groups
 
 
-def build_onevision_prompt(question: str, num_images: int = 1, system: str = QWEN_SYSTEM) -> str:
+def build_onevision_prompt(question: str, placeholders: int | Sequence[str] = 1, system: str = QWEN_SYSTEM) -> str:
     """One-turn LLaVA-OneVision (Qwen2 chat) prompt ending where the assistant's answer starts.
 
-    ``<image>`` placeholders (one per image, each followed by a newline) go before the question unless
-    the question already contains them.
+    Args:
+        question: the user's text; if it already contains ``<image>`` / ``<video>`` placeholders it is used
+            as it is.
+        placeholders: how many ``<image>`` placeholders to put before the question, or the placeholders
+            themselves in order (e.g. ``["<video>"]``); each is followed by a newline.
+        system: the system message.
 
     Raises:
         ValueError: empty question.
     """
     if not question or not question.strip():
         raise ValueError("the question is empty; pass the text to ask about the image.")
-    if "<image>" not in question:
-        question = "<image>\n" * num_images + question
+    if isinstance(placeholders, int):
+        placeholders = ["<image>"] * placeholders
+    if "<image>" not in question and "<video>" not in question:
+        question = "".join(f"{p}\n" for p in placeholders) + question
     return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
             "<|im_start|>assistant\n")
 
@@ -80,17 +89,31 @@ def virtual_layout(
         ``(V,)`` long: the merged id of each virtual position, ``-1`` for ``image_newline`` positions, ``-2``
         for downsampled positions that mix several groups.
     """
-    n_ids = int(crop_ids.max()) + 1
-    # fixed pseudo-random hash per id, in float64: a bilinear mix of different ids cannot reproduce
-    # one id's (id, hash) pair unless the other weights are below ~1e-9
-    hashes = torch.rand(n_ids + 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ids = crop_ids.cpu()
-    channels = torch.stack([ids.double(), hashes[ids]], dim=-1)  # (n_crops, P, 2)
-    newline = torch.tensor([float(_NEWLINE), float(hashes[n_ids])], dtype=torch.float64)
+    channels, hashes = _hash_channels(crop_ids)  # a mix of different ids cannot reproduce one id's pair
+    newline = torch.tensor([float(_NEWLINE), float(hashes[-1])], dtype=torch.float64)
     packed, _ = host.pack_image_features(
         [channels], image_size.cpu()[None], image_newline=newline, vision_aspect_ratio=vision_aspect_ratio
     )
-    value, hashed = packed[0][:, 0], packed[0][:, 1]  # (V,)
+    return _decode_keys(packed[0], hashes).to(crop_ids.device)
+
+
+def _hash_channels(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, hash)`` channels ``(..., 2)`` in float64, and the hash table (one entry per id, then the newline).
+
+    The hash is a fixed pseudo-random number per id: a bilinear mix of different ids cannot reproduce one
+    id's (id, hash) pair unless the other weights are below ~1e-9.
+    """
+    n_ids = int(ids.max()) + 1
+    hashes = torch.rand(n_ids + 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ids = ids.cpu()
+    return torch.stack([ids.double(), hashes[ids]], dim=-1), hashes
+
+
+def _decode_keys(packed: torch.Tensor, hashes: torch.Tensor) -> torch.Tensor:
+    """Virtual keys from packed ``(V, 2)`` channels: an exact (id, hash) pair is that group, the newline pair
+    ``-1``, anything else a mix ``-2``."""
+    n_ids = hashes.numel() - 1
+    value, hashed = packed[:, 0], packed[:, 1]
     key = value.round()
     index = key.long().clamp(0, n_ids - 1)
     tol = 1e-9
@@ -99,7 +122,23 @@ def virtual_layout(
     keys = torch.full_like(index, _MIXED)
     keys[is_group] = index[is_group]
     keys[is_newline] = _NEWLINE
-    return keys.to(crop_ids.device)
+    return keys
+
+
+@torch.no_grad()
+def pooled_layout(host: torch.nn.Module, frame_ids: torch.Tensor) -> torch.Tensor:
+    """Keys of the unmodified model's pooled video frames (2x2 bilinear, 27x27 -> 14x14), without the newline.
+
+    Args:
+        host: the ``LlavaOnevisionModel`` (its ``apply_pooling`` is used).
+        frame_ids: ``(F, P)`` long video-global merged ids of every frame patch.
+
+    Returns:
+        ``(F * 196,)`` long keys (group id, or ``-2`` where pooling mixes groups).
+    """
+    channels, hashes = _hash_channels(frame_ids)
+    pooled = host.apply_pooling(channels)  # (F, 196, 2)
+    return _decode_keys(pooled.flatten(0, 1), hashes).to(frame_ids.device)
 
 
 class DyMULlavaOnevision(DyMULlava):
@@ -110,21 +149,30 @@ class DyMULlavaOnevision(DyMULlava):
         processor: any object with ``.tokenizer`` and ``.image_processor`` (LLaVA-OneVision's processor
             also needs a video processor, i.e. torchvision; the two parts suffice here).
         vtu: run the LLM with virtual token unmerging.
-        layout: ``"faithful"`` or ``"paper"`` (see the module docstring).
+        layout: ``"faithful"`` or ``"paper"`` (images; see the module docstring).
+        video_pooling: how video frames reach the LLM. ``"merge"`` (DyMU, default): DToMe merging takes the
+            place of the unmodified model's 2x2 bilinear frame pooling; the virtual layout is every frame's
+            27x27 raster, then one ``image_newline``. ``"pool"``: the unmodified model's layout (14x14 pooled
+            positions per frame, then one newline), pooled positions assigned to groups by the same rule as
+            ``anyres_max_9`` downsampling; merging nothing then reproduces the unmodified model exactly.
+            Frames are preprocessed as the image processor's base view (resized to 384x384, normalised).
     """
 
-    def __init__(self, model, processor, vtu: bool = True, layout: str = "faithful"):
+    def __init__(self, model, processor, vtu: bool = True, layout: str = "faithful", video_pooling: str = "merge"):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+        if video_pooling not in VIDEO_POOLING:
+            raise ValueError(f"video_pooling must be one of {VIDEO_POOLING}, got {video_pooling!r}.")
         super().__init__(model, processor, vtu=vtu, image_aspect_ratio="crop")
         self.layout = layout
+        self.video_pooling = video_pooling
         self.host = model.model
 
-    def prompt(self, question: str, num_images: int = 1) -> str:
-        """The Qwen2 chat prompt LLaVA-OneVision was trained with."""
-        return build_onevision_prompt(question, num_images=num_images)
+    def prompt(self, question: str, inputs: Sequence[ImageLike | Video] = ("image",)) -> str:
+        """The Qwen2 chat prompt LLaVA-OneVision was trained with (``<video>`` for :class:`Video` inputs)."""
+        return build_onevision_prompt(question, ["<video>" if isinstance(x, Video) else "<image>" for x in inputs])
 
-    def preprocess(self, images: Sequence[ImageLike]):  # pragma: no cover - use encode_prompt_images
+    def preprocess(self, images: Sequence[ImageLike]):
         raise NotImplementedError("LLaVA-OneVision preprocesses per prompt (AnyRes); use encode_prompt_images.")
 
     def crops(self, image: ImageLike) -> torch.Tensor:
@@ -136,68 +184,104 @@ class DyMULlavaOnevision(DyMULlava):
         return processed["pixel_values"][0, :n]
 
     @torch.no_grad()
-    def encode_prompt_images(self, images: Sequence[Sequence[ImageLike]]) -> EncodedImages:
-        """AnyRes-encode the images of a batch of prompts; returns merged tokens and virtual group maps.
+    def encode_prompt_images(self, images: Sequence[Sequence[ImageLike | Video]]) -> EncodedImages:
+        """Encode the images and videos of a batch of prompts; merged tokens and virtual group maps per input.
 
         As in the unmodified model, a prompt with one image gets the base image plus grid crops; a prompt
         with several images gets the base image only for each (``batch_num_images``).
         """
-        groups = [[load_image(im) for im in imgs] for imgs in images if len(imgs)]
+        encoded = {}
+        groups = [[(i, load_image(x)) for i, x in enumerate(xs) if not isinstance(x, Video)] for xs in images]
+        image_out = iter(self._encode_images([[im for _, im in g] for g in groups if g]))
+        for s, g in enumerate(groups):
+            for i, _ in g:
+                encoded[s, i] = next(image_out)
+        for s, xs in enumerate(images):
+            for i, x in enumerate(xs):
+                if isinstance(x, Video):
+                    encoded[s, i] = self._encode_video(x)
+        order = [encoded[s, i] for s, xs in enumerate(images) for i in range(len(xs))]
+        return EncodedImages(features=[f for f, _ in order], group_index=[g for _, g in order])
+
+    def _encode_images(self, groups: list[list[Image.Image]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if not groups:
-            return EncodedImages([], [])
+            return []
         processed = self.image_processor(groups, return_tensors="pt")
         pixels, sizes = processed["pixel_values"], processed["image_sizes"]  # (I, max_crops, 3, H, W), (I, 2)
-        per_sample = [len(g) for g in groups]
         config = self.model.config
+        per_image = [len(g) for g in groups for _ in g]
         crops_per_image = [
             image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size) if n == 1 else 1
-            for n, size in zip([n for n in per_sample for _ in range(n)], sizes.tolist())
+            for n, size in zip(per_image, sizes.tolist())
         ]
-        crops = torch.cat([p[:n] for p, n in zip(pixels, crops_per_image)]).to(self.device, self.dtype)
-        tokens, lengths, group_ids = self._encode_crops(crops)
-        projected = self.host.multi_modal_projector(tokens)  # (crops, N', C)
-        features, group_index, start = [], [], 0
-        for image, n_crops in enumerate(crops_per_image):
-            lens = lengths[start : start + n_crops]
-            offsets = torch.tensor([0] + lens[:-1], device=self.device).cumsum(0)
-            merged = torch.cat([projected[start + c, :n] for c, n in enumerate(lens)])  # (n_i, C)
-            crop_ids = group_ids[start : start + n_crops] + offsets[:, None]  # image-global ids
-            feats, index = self._lay_out(merged, crop_ids, sizes[image])
-            features.append(feats)
-            group_index.append(index)
-            start += n_crops
-        return EncodedImages(features=features, group_index=group_index)
+        crops = torch.cat([p[:n] for p, n in zip(pixels, crops_per_image)])
+        merged, crop_ids = self._encode_crops(crops, crops_per_image)
+        out = []
+        for feats, ids, size in zip(merged, crop_ids, sizes):
+            if self.layout == "paper":
+                raw = ids.flatten()
+                out.append(self._tokens(feats, raw, None))
+            else:
+                raw = virtual_layout(self.host, ids, size, config.vision_aspect_ratio)
+                out.append(self._tokens(feats, raw, lambda f=feats, i=ids, z=size: self._packed(f[i], z)))
+        return out
 
-    def _encode_crops(self, crops: torch.Tensor) -> tuple[torch.Tensor, list[int], torch.Tensor]:
-        """``(tokens (crops, N', C_vis), valid lengths, group ids (crops, P))`` from the (patched) tower."""
+    def _encode_video(self, video: Video) -> tuple[torch.Tensor, torch.Tensor]:
+        frames = self.image_processor([video.images()], return_tensors="pt")["pixel_values"][:, 0]  # (F, 3, H, W)
+        (feats,), (frame_ids,) = self._encode_crops(frames, [frames.shape[0]])
+        newline = torch.tensor([_NEWLINE], device=frame_ids.device)
+        if self.video_pooling == "merge":
+            return self._tokens(feats, torch.cat([frame_ids.flatten(), newline]), None)
+        raw = torch.cat([pooled_layout(self.host, frame_ids), newline])
+        host = lambda: torch.cat([self.host.apply_pooling(feats[frame_ids]).flatten(0, 1),  # noqa: E731
+                                  self.host.image_newline[None].to(feats)])
+        return self._tokens(feats, raw, host)
+
+    def _encode_crops(self, crops: torch.Tensor, per_item: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Run crops (or frames) through the tower and projector in one batch.
+
+        Returns:
+            per item: ``(n_i, C)`` projected merged tokens, and ``(n_crops_i, P)`` item-global group ids.
+        """
         if self.model.config.vision_feature_select_strategy != "full":
             raise NotImplementedError("LLaVA-OneVision with DToMe expects vision_feature_select_strategy='full'.")
-        from dymu import is_patched
-
+        crops = crops.to(self.device, self.dtype)
         if is_patched(self.tower):
             out = self.tower(crops)
-            n = out.last_hidden_state.shape[1]
+            tokens, group_ids = out.last_hidden_state, out.group_ids
+            n = tokens.shape[1]
             lengths = out.padding_mask.sum(-1).tolist() if out.padding_mask is not None else [n] * crops.shape[0]
-            return out.last_hidden_state, lengths, out.group_ids
-        hidden = self.tower(crops, output_hidden_states=True).hidden_states[self.model.config.vision_feature_layer]
-        ids = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
-        return hidden, [hidden.shape[1]] * hidden.shape[0], ids
-
-    def _lay_out(self, merged: torch.Tensor, crop_ids: torch.Tensor, size: torch.Tensor):
-        """Merged tokens in first-occurrence order and the virtual group map of one image."""
-        if self.layout == "paper":
-            raw = crop_ids.flatten()
         else:
-            raw = virtual_layout(self.host, crop_ids, size, self.model.config.vision_aspect_ratio)
+            tokens = self.tower(crops, output_hidden_states=True).hidden_states[self.model.config.vision_feature_layer]
+            group_ids = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+            lengths = [tokens.shape[1]] * tokens.shape[0]
+        projected = self.host.multi_modal_projector(tokens)  # (crops, N', C)
+        features, ids, start = [], [], 0
+        for n_crops in per_item:
+            lens = lengths[start : start + n_crops]
+            offsets = torch.tensor([0] + lens[:-1], device=self.device).cumsum(0)
+            features.append(torch.cat([projected[start + c, :n] for c, n in enumerate(lens)]))
+            ids.append(group_ids[start : start + n_crops] + offsets[:, None])
+            start += n_crops
+        return features, ids
+
+    def _tokens(self, merged: torch.Tensor, raw: torch.Tensor, host_features) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merged tokens in order of first virtual occurrence, and the virtual group map, of one input.
+
+        Args:
+            merged: ``(n, C)`` the input's merged tokens (image-global ids ``0..n-1``).
+            raw: ``(V,)`` virtual keys: group ids, ``-1`` newline, ``-2`` mixed position.
+            host_features: callable giving the unmodified model's ``(V, C)`` features (used only if some
+                position is mixed).
+        """
         n_groups = merged.shape[0]
         positions = torch.arange(raw.numel(), device=raw.device)
-        # newline and mixed positions are tokens of their own: unique keys past the group ids
-        keys = torch.where(raw >= 0, raw, n_groups + positions)
+        keys = torch.where(raw >= 0, raw, n_groups + positions)  # newline / mixed: tokens of their own
         unique, inverse = torch.unique(keys, return_inverse=True)
         first = torch.full((unique.numel(),), raw.numel(), device=raw.device).scatter_reduce(
             0, inverse, positions, reduce="amin"
         )
-        order = first.argsort()  # merged tokens in order of first virtual occurrence (unique keys)
+        order = first.argsort()  # unique keys, so the order is fully determined
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel(), device=order.device)
         token_keys = unique[order]
@@ -208,17 +292,13 @@ class DyMULlavaOnevision(DyMULlava):
         is_newline = raw[own_pos] == _NEWLINE
         own = feats[~is_group]
         own[is_newline] = self.host.image_newline.to(feats.dtype)
-        if (~is_newline).any():  # downsampled mixes: exactly the unmodified model's features there
-            own[~is_newline] = self._host_features(merged, crop_ids, size)[own_pos[~is_newline]].to(feats.dtype)
+        if (~is_newline).any():  # mixed positions: exactly the unmodified model's features there
+            own[~is_newline] = host_features()[own_pos[~is_newline]].to(feats.dtype)
         feats[~is_group] = own
         return feats, rank[inverse]
 
-    def _host_features(self, merged: torch.Tensor, crop_ids: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
-        """The unmodified model's packed features of this image, computed from the unmerged features.
-
-        Used only for downsampled positions that mix several groups.
-        """
-        unmerged = merged[crop_ids]  # (n_crops, P, C): every patch carries its group's feature
+    def _packed(self, unmerged: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+        """The unmodified model's packed image features from per-patch features ``(n_crops, P, C)``."""
         packed, _ = self.host.pack_image_features(
             [unmerged], size[None], image_newline=self.host.image_newline,
             vision_aspect_ratio=self.model.config.vision_aspect_ratio,

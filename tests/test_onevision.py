@@ -116,6 +116,53 @@ def test_paper_layout_is_flat_crops_without_newlines(tiny_ov_path):
 def test_several_images_in_one_prompt_use_the_base_crop_and_one_newline_each(tiny_ov_path):
     stock = llava.load_model(tiny_ov_path, vtu=False)
     pipe = llava.load_model(tiny_ov_path, dymu=merge_nothing(stock), vtu=True)
-    prompt = build_onevision_prompt("Compare them.", num_images=2)
+    prompt = build_onevision_prompt("Compare them.", 2)
     inputs = pipe.build_inputs([prompt], [[photo("chelsea"), photo("coffee")]])
     assert inputs.visual_tokens == [2 * (729 + 1)]
+
+
+def frames(n: int = 4) -> list[Image.Image]:
+    """A short 'video': a window panning across a real photo."""
+    image = photo("astronaut")
+    return [image.crop((20 * i, 10 * i, 300 + 20 * i, 300 + 10 * i)) for i in range(n)]
+
+
+def test_video_pool_mode_with_nothing_merged_reproduces_stock_logits(tiny_ov_path):
+    stock = llava.load_model(tiny_ov_path, vtu=False)
+    pipe = llava.load_model(tiny_ov_path, dymu=merge_nothing(stock), vtu=True, video_pooling="pool")
+    video = llava.Video(frames())
+    prompt = build_onevision_prompt("What happens?", ["<video>"])
+    inputs = pipe.build_inputs([prompt], [[video]])
+    assert inputs.visual_tokens == [4 * 196 + 1]  # the unmodified model's 2x2-pooled frames and one newline
+    pixels = stock.image_processor([video.images()], return_tensors="pt")["pixel_values"][:, 0]
+    config = stock.model.config
+    ids = stock.tokenizer(prompt, return_tensors="pt")["input_ids"][0]
+    slot = (ids == config.video_token_id).nonzero().item()
+    expanded = torch.cat([ids[:slot], torch.full((4 * 196 + 1,), config.video_token_id), ids[slot + 1:]])
+    with torch.no_grad():
+        ref = stock.model(input_ids=expanded[None], pixel_values_videos=pixels[None]).logits[0]
+    torch.testing.assert_close(pipe.forward(inputs).logits[0], ref, atol=1e-5, rtol=0)
+
+
+def test_video_merge_mode_replaces_pooling_and_batches_with_images(tiny_ov_path):
+    base = llava.load_model(tiny_ov_path, vtu=False)
+    nothing = llava.load_model(tiny_ov_path, dymu=merge_nothing(base), vtu=True)
+    video = llava.Video(frames())
+    prompt = build_onevision_prompt("What happens?", ["<video>"])
+    unmerged = nothing.build_inputs([prompt], [[video]])
+    assert unmerged.visual_tokens == [4 * 729 + 1]  # every frame patch (no pooling) and one newline
+    vis = base.model.config.vision_config
+    n = vis.num_hidden_layers
+    merging = dymu.Thresholds(values=[0.6] * n, encoder=dymu.encoder_fingerprint(vis), num_layers=n, feature_layer=-1)
+    pipe = llava.load_model(tiny_ov_path, dymu=merging, vtu=True)
+    answers, batch = pipe.generate(["What happens?", QUESTION], [video, SAMPLE_IMAGES / "coffee.jpg"], max_new_tokens=3)
+    assert batch.vtu.virtual_length >= unmerged.vtu.virtual_length
+    assert batch.visual_tokens[0] < 4 * 196  # fewer than even the unmodified model's pooled frames
+    single_answers, single = pipe.generate(["What happens?"], [video], max_new_tokens=3)
+    assert single_answers[0] == answers[0] and single.visual_tokens[0] == batch.visual_tokens[0]
+
+
+def test_placeholder_kinds_must_match_inputs(tiny_ov_path):
+    pipe = llava.load_model(tiny_ov_path, vtu=False)
+    with pytest.raises(ValueError, match="llava.Video"):
+        pipe.build_inputs([build_onevision_prompt("Q?", ["<image>"])], [[llava.Video(frames(2))]])
