@@ -166,3 +166,25 @@ def test_placeholder_kinds_must_match_inputs(tiny_ov_path):
     pipe = llava.load_model(tiny_ov_path, vtu=False)
     with pytest.raises(ValueError, match="llava.Video"):
         pipe.build_inputs([build_onevision_prompt("Q?", ["<image>"])], [[llava.Video(frames(2))]])
+
+
+def test_anyres_crops_in_one_batch_equal_each_crop_alone(tiny_ov_path):
+    base = llava.load_model(tiny_ov_path, vtu=False)
+    vis = base.model.config.vision_config
+    n = vis.num_hidden_layers
+    # the random tiny SigLIP's keys are very similar (its calibrated thresholds are ~0.99): a high threshold
+    # leaves the crops with different lengths
+    merging = dymu.Thresholds(values=[0.99] * n, encoder=dymu.encoder_fingerprint(vis), num_layers=n, feature_layer=-1)
+    pipe = llava.load_model(tiny_ov_path, dymu=merging, vtu=True)
+    crops = pipe.crops(photo("chelsea")).to(pipe.dtype)
+    assert crops.shape[0] > 2  # base image + grid crops
+    with torch.no_grad():
+        batch = pipe.tower(crops)
+        lengths = batch.padding_mask.sum(-1).tolist()
+        assert len(set(lengths)) > 1  # crops keep different lengths (padding)
+        for c in range(crops.shape[0]):
+            alone = pipe.tower(crops[c : c + 1])
+            assert alone.last_hidden_state.shape[1] == lengths[c]
+            assert torch.equal(alone.group_ids[0], batch.group_ids[c])
+            torch.testing.assert_close(alone.last_hidden_state[0], batch.last_hidden_state[c, : lengths[c]],
+                                       atol=1e-5, rtol=0)
