@@ -9,6 +9,7 @@ from .merge import FixedRRule, ThresholdRule, TokenState, constant_schedule
 from .patch import (
     apply_dtome,
     apply_vtu,
+    encoder_spec,
     find_decoder,
     find_vision_tower,
     is_patched,
@@ -17,7 +18,7 @@ from .patch import (
     vision_token_count,
 )
 from .patch.vit import DToMeEncoderOutput, DToMeVisionOutput
-from .thresholds import BatchBudgetRule, Thresholds, ThresholdsError, encoder_fingerprint, find_thresholds
+from .thresholds import BatchBudgetRule, EncoderSpec, Thresholds, ThresholdsError, encoder_fingerprint, find_thresholds
 from .vtu import VTUInputs
 
 __version__ = "0.1.0"
@@ -31,6 +32,8 @@ __all__ = [
     "ThresholdsError",
     "find_thresholds",
     "encoder_fingerprint",
+    "EncoderSpec",
+    "encoder_spec",
     "VTUInputs",
     "TokenState",
     "ThresholdRule",

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .merge import ThresholdRule, constant_schedule, select_batch_top
 
-__all__ = ["Thresholds", "ThresholdsError", "BatchBudgetRule", "find_thresholds", "encoder_fingerprint"]
+__all__ = ["Thresholds", "ThresholdsError", "BatchBudgetRule", "find_thresholds", "encoder_fingerprint", "EncoderSpec"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +43,40 @@ def encoder_fingerprint(vision_config: Any) -> str:
 
     Thresholds are only meaningful for the encoder (and weights) they were calibrated on; the geometry
     catches the common mistakes (another encoder family, size or resolution).
+
+    Args:
+        vision_config: a transformers vision config, or an :class:`EncoderSpec` (its fingerprint is returned).
     """
+    if isinstance(vision_config, EncoderSpec):
+        return vision_config.fingerprint
     c = vision_config
     return f"{c.model_type}-h{c.hidden_size}-l{c.num_hidden_layers}-p{c.patch_size}-s{c.image_size}"
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What thresholds and budgets need to know about a vision encoder.
+
+    Attributes:
+        fingerprint: geometry id (:func:`encoder_fingerprint`).
+        num_layers: transformer blocks in the encoder.
+        num_tokens: tokens per image before merging, ``N0`` (577 for CLIP ViT-L/14-336).
+        has_cls: token 0 is a CLS token that never merges.
+    """
+
+    fingerprint: str
+    num_layers: int
+    num_tokens: int
+    has_cls: bool
+
+    @classmethod
+    def from_config(cls, vision_config: Any, has_cls: bool | None = None) -> "EncoderSpec":
+        """Spec of a transformers vision config (CLIP-style configs have a CLS token, SigLIP's do not)."""
+        if has_cls is None:
+            has_cls = not vision_config.model_type.startswith("siglip")
+        grid = vision_config.image_size // vision_config.patch_size
+        return cls(encoder_fingerprint(vision_config), vision_config.num_hidden_layers, grid * grid + int(has_cls),
+                   has_cls)
 
 
 @dataclass
@@ -137,26 +168,24 @@ class Thresholds:
         return cls.load(PACKAGED_DIR / f"{name}.json")
 
     # ------------------------------------------------------------ validation
-    def check(self, vision_config: Any, layers_run: int) -> None:
+    def check(self, encoder: Any, layers_run: int) -> None:
         """Fail clearly if these thresholds do not fit an encoder.
 
         Args:
-            vision_config: the encoder's config.
+            encoder: the encoder's :class:`EncoderSpec`, or its transformers config.
             layers_run: encoder layers DToMe will run (up to the feature layer).
 
         Raises:
             ThresholdsError: another encoder geometry, or fewer thresholds than layers run.
         """
-        fingerprint = encoder_fingerprint(vision_config)
-        if fingerprint != self.encoder:
+        spec = encoder if isinstance(encoder, EncoderSpec) else EncoderSpec.from_config(encoder)
+        if spec.fingerprint != self.encoder:
             raise ThresholdsError(
                 f"these thresholds were calibrated for encoder '{self.encoder}' but the model's encoder is "
-                f"'{fingerprint}'; calibrate thresholds for this model with scripts/find_thresholds.py."
+                f"'{spec.fingerprint}'; calibrate thresholds for this model with scripts/find_thresholds.py."
             )
-        if self.num_layers != vision_config.num_hidden_layers:
-            raise ThresholdsError(
-                f"thresholds record {self.num_layers} encoder layers, the model has {vision_config.num_hidden_layers}."
-            )
+        if self.num_layers != spec.num_layers:
+            raise ThresholdsError(f"thresholds record {self.num_layers} encoder layers, the model has {spec.num_layers}.")
         if len(self.values) < layers_run:
             raise ThresholdsError(
                 f"{len(self.values)} thresholds but DToMe runs {layers_run} encoder layers (feature layer "
@@ -232,11 +261,11 @@ def find_thresholds(
         ValueError: neither or both of ``target_tokens`` / ``schedule``; a schedule of the wrong length
             or one that asks more merges than a layer can make; no batches.
     """
-    from .patch import apply_dtome, is_patched, layers_to_run, remove, vision_token_count  # patch imports us
+    from .patch import apply_dtome, encoder_spec, is_patched, layers_to_run, remove  # patch imports us
 
-    config = vision_model.config
-    n_run = layers_to_run(config.num_hidden_layers, feature_layer)
-    n0, has_cls = vision_token_count(vision_model)
+    spec = encoder_spec(vision_model)
+    n_run = layers_to_run(spec.num_layers, feature_layer)
+    n0, has_cls = spec.num_tokens, spec.has_cls
     if (target_tokens is None) == (schedule is None):
         raise ValueError("find_thresholds needs exactly one of target_tokens or schedule.")
     if schedule is None:
@@ -257,9 +286,9 @@ def find_thresholds(
     was_patched = is_patched(vision_model)
     device = next(vision_model.parameters()).device
     dtype = next(vision_model.parameters()).dtype
-    if was_patched and vision_model.encoder._dymu.num_layers != n_run:
+    if was_patched and vision_model._dymu.num_layers != n_run:
         raise ValueError(
-            f"the vision model is already patched to run {vision_model.encoder._dymu.num_layers} layers, but "
+            f"the vision model is already patched to run {vision_model._dymu.num_layers} layers, but "
             f"feature_layer={feature_layer} needs {n_run}; pass the same feature_layer or call dymu.remove(model)."
         )
     rule = BatchBudgetRule(schedule, device=device)
@@ -268,7 +297,7 @@ def find_thresholds(
     try:
         n_images = torch.zeros((), dtype=torch.float64, device=device)
         for pixels in tqdm(batches, desc="calibrating thresholds", unit="batch", disable=not (progress and rank0)):
-            vision_model(pixels.to(device=device, dtype=dtype), merge_rule=rule)
+            vision_model.dtome_forward(pixels.to(device=device, dtype=dtype), merge_rule=rule)
             n_images += pixels.shape[0]
         _all_reduce(rule.sums)
         _all_reduce(rule.counts)
@@ -283,7 +312,7 @@ def find_thresholds(
             infer = ThresholdRule(values)
             for pixels in tqdm(realised_batches, desc="measuring token counts", unit="batch",
                                disable=not (progress and rank0)):
-                out = vision_model(pixels.to(device=device, dtype=dtype), merge_rule=infer)
+                out = vision_model.dtome_forward(pixels.to(device=device, dtype=dtype), merge_rule=infer)
                 n = out.padding_mask.sum(-1) if out.padding_mask is not None else torch.full(
                     (pixels.shape[0],), out.last_hidden_state.shape[1], device=device)
                 n = n.double()
@@ -301,8 +330,8 @@ def find_thresholds(
     meta = {"date": _dt.date.today().isoformat(), **(extra or {})}
     return Thresholds(
         values=values,
-        encoder=encoder_fingerprint(config),
-        num_layers=config.num_hidden_layers,
+        encoder=spec.fingerprint,
+        num_layers=spec.num_layers,
         feature_layer=feature_layer,
         schedule=schedule,
         target_tokens=n0 - sum(schedule),

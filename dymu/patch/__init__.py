@@ -11,12 +11,12 @@ from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.siglip import modeling_siglip
 
 from ..merge import FixedRRule, MergeRule, ThresholdRule
-from ..thresholds import Thresholds
+from ..thresholds import EncoderSpec, Thresholds
 from . import llama as _llama
 from . import vit as _vit
 from ._swap import check_transformers_version, is_patched, restore, swap_class
 
-__all__ = ["is_patched", "vision_token_count", "apply_dtome", "apply_vtu", "remove", "layers_to_run", "find_vision_tower", "find_decoder"]
+__all__ = ["is_patched", "encoder_spec", "vision_token_count", "apply_dtome", "apply_vtu", "remove", "layers_to_run", "find_vision_tower", "find_decoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,20 @@ _DECODER_HOSTS = {
 }
 
 
+def encoder_spec(vision_model: nn.Module) -> EncoderSpec:
+    """:class:`~dymu.thresholds.EncoderSpec` of a supported vision model (fingerprint, layers, N0, CLS).
+
+    Raises:
+        NotImplementedError: not a supported vision model.
+    """
+    if _open_clip_host(vision_model):
+        from . import open_clip as _oc
+
+        return _oc.encoder_spec(vision_model)
+    has_cls = _host_entry(vision_model, _VIT_HOSTS)[2]
+    return EncoderSpec.from_config(vision_model.config, has_cls=has_cls)
+
+
 def vision_token_count(vision_model: nn.Module) -> tuple[int, bool]:
     """``(N0, has_cls)``: tokens per image before merging and whether token 0 is a protected CLS token.
 
@@ -40,9 +54,13 @@ def vision_token_count(vision_model: nn.Module) -> tuple[int, bool]:
     Raises:
         NotImplementedError: not a supported vision model.
     """
-    has_cls = _host_entry(vision_model, _VIT_HOSTS)[2]
-    config = vision_model.config
-    return (config.image_size // config.patch_size) ** 2 + int(has_cls), has_cls
+    spec = encoder_spec(vision_model)
+    return spec.num_tokens, spec.has_cls
+
+
+def _open_clip_host(module: nn.Module) -> bool:
+    """True for open_clip's own VisionTransformer (checked by module name: open_clip is an optional extra)."""
+    return type(module).__module__ == "open_clip.transformer" and type(module).__name__ == "VisionTransformer"
 
 
 def layers_to_run(num_layers: int, feature_layer: int) -> int:
@@ -67,10 +85,11 @@ def find_vision_tower(model: nn.Module) -> nn.Module:
         NotImplementedError: no supported encoder class is found (names the classes seen).
     """
     for module in model.modules():
-        if isinstance(module, tuple(_VIT_HOSTS)):
+        if isinstance(module, tuple(_VIT_HOSTS)) or _open_clip_host(module):
             return module
     raise NotImplementedError(
-        f"DToMe supports {[c.__name__ for c in _VIT_HOSTS]}; none found in {type(model).__name__}."
+        f"DToMe supports {[c.__name__ for c in _VIT_HOSTS]} and open_clip's VisionTransformer; none found in "
+        f"{type(model).__name__}."
     )
 
 
@@ -130,27 +149,31 @@ def apply_dtome(
         feature_layer = getattr(getattr(model, "config", None), "vision_feature_layer", -1)
         if not isinstance(feature_layer, int):
             raise NotImplementedError(f"multi-layer vision features {feature_layer} are not supported by DToMe.")
-    config = tower.config
-    n_run = layers_to_run(config.num_hidden_layers, feature_layer)
+    spec = encoder_spec(tower)
+    n_run = layers_to_run(spec.num_layers, feature_layer)
     if tome_r is not None:
         if len(tome_r) != n_run:
             raise ValueError(f"tome_r has {len(tome_r)} entries but {n_run} encoder layers run.")
         rule: MergeRule = FixedRRule(list(tome_r))
     elif isinstance(thresholds, Thresholds):
-        thresholds.check(config, n_run)
+        thresholds.check(spec, n_run)
         rule = ThresholdRule(thresholds.values[:n_run])
     else:
         rule = thresholds
-    model_mixin, host_module, protect_first = _host_entry(tower, _VIT_HOSTS)
-    swap_class(tower, model_mixin)
-    swap_class(
-        tower.encoder, _vit.DToMeEncoderMixin, _dymu=_vit.DToMeSettings(rule, n_run, protect_first)
-    )
-    for layer in tower.encoder.layers:
-        swap_class(layer, _vit.DToMeEncoderLayerMixin)
-        swap_class(layer.self_attn, _vit.DToMeAttentionMixin, _dymu_eager=host_module.eager_attention_forward)
+    if _open_clip_host(tower):
+        from . import open_clip as _oc
+
+        _oc.patch(tower, _vit.DToMeSettings(rule, n_run, spec.has_cls))
+    else:
+        model_mixin, host_module, protect_first = _host_entry(tower, _VIT_HOSTS)
+        settings = _vit.DToMeSettings(rule, n_run, protect_first)
+        swap_class(tower, model_mixin, _dymu=settings)
+        swap_class(tower.encoder, _vit.DToMeEncoderMixin, _dymu=settings)
+        for layer in tower.encoder.layers:
+            swap_class(layer, _vit.DToMeEncoderLayerMixin)
+            swap_class(layer.self_attn, _vit.DToMeAttentionMixin, _dymu_eager=host_module.eager_attention_forward)
     logger.info("DToMe applied to %s: %d of %d layers run, rule %s", type(tower).__name__, n_run,
-                config.num_hidden_layers, type(rule).__name__)
+                spec.num_layers, type(rule).__name__)
     return model
 
 

@@ -160,7 +160,10 @@ class DToMeCLIPVisionModelMixin:
     ``pooler_output`` is ``post_layernorm`` of the CLS token, which never merges and stays at index 0.
     """
 
-    def forward(
+    def forward(self, *args, **kwargs) -> DToMeVisionOutput:
+        return self.dtome_forward(*args, **kwargs)
+
+    def dtome_forward(
         self,
         pixel_values: torch.Tensor,
         interpolate_pos_encoding: bool = False,
@@ -194,7 +197,10 @@ class DToMeSiglipVisionModelMixin:
           the size bias wherever tokens are attended over).
     """
 
-    def forward(
+    def forward(self, *args, **kwargs) -> DToMeVisionOutput:
+        return self.dtome_forward(*args, **kwargs)
+
+    def dtome_forward(
         self,
         pixel_values: torch.Tensor,
         interpolate_pos_encoding: bool = False,
