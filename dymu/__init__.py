@@ -5,6 +5,10 @@ thresholds; VTU lets a RoPE language model run its per-token layers on the merge
 attention reproduces the full-length sequence. Paper: Wang et al., arXiv 2504.17040.
 """
 
+from ._compat import prepare_cpu_torchvision
+
+prepare_cpu_torchvision()  # before transformers is imported; a no-op unless torchvision meets a CPU-only torch
+
 from .merge import FixedRRule, ThresholdRule, TokenState, constant_schedule
 from .patch import (
     apply_dtome,
@@ -25,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "apply_dtome",
+    "prepare_cpu_torchvision",
     "apply_vtu",
     "remove",
     "is_patched",

@@ -1,0 +1,91 @@
+"""DToMe on open_clip's own VisionTransformer (optional extra: skipped unless open_clip is installed).
+
+Run in an environment with ``pip install -e ".[dev,openclip]"`` (CI does, in a separate venv).
+"""
+
+import pytest
+import torch
+
+import dymu  # first: on CPU-only torch it lets torchvision (needed by open_clip) import
+
+open_clip = pytest.importorskip("open_clip")
+from open_clip.transformer import VisionTransformer  # noqa: E402
+
+
+def tower(pool_type: str = "tok", final_ln_after_pool: bool = False, layers: int = 3) -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=56, patch_size=14, width=64, layers=layers, heads=4, mlp_ratio=4.0,
+                             output_dim=32, pool_type=pool_type, final_ln_after_pool=final_ln_after_pool).eval()
+
+
+def pixels(n: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    coarse = torch.rand(n, 3, 2, 2, generator=g)
+    return torch.nn.functional.interpolate(coarse, size=56, mode="nearest") + 0.02 * torch.randn(n, 3, 56, 56, generator=g)
+
+
+@pytest.mark.parametrize("pool_type, final_ln", [("tok", False), ("tok", True), ("avg", False), ("avg", True)])
+def test_nothing_merged_reproduces_unpatched_features(pool_type, final_ln):
+    visual = tower(pool_type, final_ln)
+    x = pixels()
+    with torch.no_grad():
+        ref = visual(x)
+        dymu.apply_dtome(visual, dymu.ThresholdRule([1.0] * 3))
+        out = visual(x)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        dymu.remove(visual)
+        assert type(visual) is VisionTransformer
+        torch.testing.assert_close(visual(x), ref, atol=0, rtol=0)
+
+
+def test_spec_and_thresholds_validation():
+    visual = tower()
+    spec = dymu.encoder_spec(visual)
+    assert spec == dymu.EncoderSpec("open_clip_vit-h64-l3-p14-s56", 3, 17, True)
+    other = dymu.Thresholds(values=[0.5] * 3, encoder="clip_vision_model-h64-l3-p14-s56", num_layers=3, feature_layer=-1)
+    with pytest.raises(dymu.ThresholdsError, match="calibrated for encoder"):
+        dymu.apply_dtome(visual, other)
+
+
+@pytest.mark.parametrize("pool_type", ["tok", "avg"])
+def test_merging_batch_equals_single_and_avg_pool_is_size_weighted(pool_type):
+    visual = dymu.apply_dtome(tower(pool_type), dymu.ThresholdRule([0.9, 0.9, 0.9]))  # lengths 10 / 12 / 9
+    x = pixels()
+    with torch.no_grad():
+        out = visual.dtome_forward(x)
+        assert out.padding_mask is not None and torch.equal(out.token_sizes.sum(-1), torch.full((3,), 17.0))
+        for b in range(3):
+            single = visual.dtome_forward(x[b : b + 1])
+            assert torch.equal(single.group_ids[0], out.group_ids[b])
+            torch.testing.assert_close(single.pooler_output[0], out.pooler_output[b], atol=1e-5, rtol=0)
+        if pool_type == "avg":  # mean over original patches, each carrying its group's (normalised) feature
+            per_patch = out.last_hidden_state.gather(1, out.group_ids[..., None].expand(-1, -1, 64))[:, 1:]
+            torch.testing.assert_close(out.pooler_output, per_patch.mean(1) @ visual.proj, atol=1e-5, rtol=0)
+
+
+def test_zero_shot_classification_on_merged_tokens():
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=32, vision_cfg=CLIPVisionCfg(layers=3, width=64, head_width=16, patch_size=14, image_size=56),
+                 text_cfg=CLIPTextCfg(context_length=16, vocab_size=100, width=32, heads=4, layers=2)).eval()
+    text = torch.randint(1, 99, (5, 16))
+    images = pixels(4)
+    with torch.no_grad():
+        text_features = torch.nn.functional.normalize(model.encode_text(text), dim=-1)
+        reference = torch.nn.functional.normalize(model.encode_image(images), dim=-1) @ text_features.T
+        dymu.apply_dtome(model, dymu.ThresholdRule([1.0] * 3))  # finds model.visual
+        same = torch.nn.functional.normalize(model.encode_image(images), dim=-1) @ text_features.T
+        dymu.remove(model)
+        dymu.apply_dtome(model, dymu.ThresholdRule([0.5] * 3))
+        merged = torch.nn.functional.normalize(model.encode_image(images), dim=-1) @ text_features.T
+    torch.testing.assert_close(same, reference, atol=1e-5, rtol=0)
+    assert merged.shape == (4, 5) and torch.isfinite(merged).all()
+    assert model.visual.dtome_forward(images).last_hidden_state.shape[1] < 17  # the logits came from fewer tokens
+
+
+def test_find_thresholds_on_open_clip_tower():
+    visual = tower()
+    t = dymu.find_thresholds(visual, [pixels(4), pixels(4) * 0.5], target_tokens=8, progress=False)
+    assert t.encoder == "open_clip_vit-h64-l3-p14-s56" and t.schedule == [3, 3, 3] and len(t.values) == 3
+    assert not dymu.is_patched(visual)
