@@ -89,3 +89,55 @@ def test_find_thresholds_on_open_clip_tower():
     t = dymu.find_thresholds(visual, [pixels(4), pixels(4) * 0.5], target_tokens=8, progress=False)
     assert t.encoder == "open_clip_vit-h64-l3-p14-s56" and t.schedule == [3, 3, 3] and len(t.values) == 3
     assert not dymu.is_patched(visual)
+
+
+# ------------------------------------------------------------------ timm trunks (open_clip's SigLIP towers)
+def timm_tower(global_pool: str = "map", class_token: bool = False):
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    torch.manual_seed(0)
+    return TimmViT(img_size=56, patch_size=14, embed_dim=64, depth=3, num_heads=4, class_token=class_token,
+                   global_pool=global_pool, num_classes=0, fc_norm=False).eval()
+
+
+@pytest.mark.parametrize("global_pool, class_token", [("map", False), ("avg", False), ("token", True)])
+def test_timm_nothing_merged_reproduces_unpatched(global_pool, class_token):
+    trunk = timm_tower(global_pool, class_token)
+    x = pixels()
+    with torch.no_grad():
+        ref = trunk(x)
+        dymu.apply_dtome(trunk, dymu.ThresholdRule([1.0] * 3))
+        torch.testing.assert_close(trunk(x), ref, atol=1e-5, rtol=0)
+        assert dymu.encoder_spec(trunk).has_cls == class_token
+        dymu.remove(trunk)
+        torch.testing.assert_close(trunk(x), ref, atol=0, rtol=0)
+
+
+def test_timm_map_head_batch_equals_single_and_uses_the_size_bias():
+    trunk = dymu.apply_dtome(timm_tower("map"), dymu.ThresholdRule([0.9] * 3))
+    x = pixels()
+    with torch.no_grad():
+        out = trunk.dtome_forward(x)
+        assert out.padding_mask is not None  # images keep different lengths
+        for b in range(3):
+            single = trunk.dtome_forward(x[b : b + 1])
+            torch.testing.assert_close(single.pooler_output[0], out.pooler_output[b], atol=1e-5, rtol=0)
+        # the pooled feature equals pooling over the unmerged-equivalent sequence (each patch carries its
+        # group's feature) with the host's head: proportional attention is exact for duplicates
+        per_patch = out.last_hidden_state.gather(1, out.group_ids[..., None].expand(-1, -1, 64))
+        torch.testing.assert_close(out.pooler_output, trunk.attn_pool(per_patch), atol=1e-5, rtol=0)
+
+
+def test_open_clip_siglip_zero_shot_on_merged_tokens():
+    model = open_clip.create_model("ViT-B-16-SigLIP", pretrained=None).eval()
+    images = torch.nn.functional.interpolate(pixels(2), size=224, mode="nearest")
+    with torch.no_grad():
+        reference = model.encode_image(images)
+        dymu.apply_dtome(model, dymu.ThresholdRule([1.0] * 12))  # finds the timm trunk inside TimmModel
+        torch.testing.assert_close(model.encode_image(images), reference, atol=1e-4, rtol=1e-4)
+        assert dymu.encoder_spec(model.visual.trunk) == dymu.EncoderSpec("timm_vit-h768-l12-p16-s224", 12, 196, False)
+        dymu.remove(model)
+        dymu.apply_dtome(model, dymu.ThresholdRule([0.99] * 12))
+        merged = model.encode_image(images)
+        n_tokens = model.visual.trunk.dtome_forward(images).last_hidden_state.shape[1]
+    assert merged.shape == reference.shape and torch.isfinite(merged).all() and n_tokens < 196

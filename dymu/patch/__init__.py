@@ -59,8 +59,10 @@ def vision_token_count(vision_model: nn.Module) -> tuple[int, bool]:
 
 
 def _open_clip_host(module: nn.Module) -> bool:
-    """True for open_clip's own VisionTransformer (checked by module name: open_clip is an optional extra)."""
-    return type(module).__module__ == "open_clip.transformer" and type(module).__name__ == "VisionTransformer"
+    """True for open_clip / timm ViT towers (checked by class and module name: they are optional extras)."""
+    from .open_clip import is_host
+
+    return is_host(module)
 
 
 def layers_to_run(num_layers: int, feature_layer: int) -> int:
@@ -88,7 +90,7 @@ def find_vision_tower(model: nn.Module) -> nn.Module:
         if isinstance(module, tuple(_VIT_HOSTS)) or _open_clip_host(module):
             return module
     raise NotImplementedError(
-        f"DToMe supports {[c.__name__ for c in _VIT_HOSTS]} and open_clip's VisionTransformer; none found in "
+        f"DToMe supports {[c.__name__ for c in _VIT_HOSTS]} and open_clip / timm VisionTransformers; none found in "
         f"{type(model).__name__}."
     )
 
