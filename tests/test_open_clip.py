@@ -141,3 +141,14 @@ def test_open_clip_siglip_zero_shot_on_merged_tokens():
         merged = model.encode_image(images)
         n_tokens = model.visual.trunk.dtome_forward(images).last_hidden_state.shape[1]
     assert merged.shape == reference.shape and torch.isfinite(merged).all() and n_tokens < 196
+
+
+def test_openai_vit_l_14_336_architecture():
+    """The architecture LLaVA-1.5's tower comes from (random weights): spec and exact identity."""
+    model = open_clip.create_model("ViT-L-14-336", pretrained=None).eval()
+    images = torch.nn.functional.interpolate(pixels(1), size=336, mode="nearest")
+    with torch.no_grad():
+        reference = model.encode_image(images)
+        dymu.apply_dtome(model, dymu.ThresholdRule([1.0] * 24))
+        assert dymu.encoder_spec(model.visual) == dymu.EncoderSpec("open_clip_vit-h1024-l24-p14-s336", 24, 577, True)
+        torch.testing.assert_close(model.encode_image(images), reference, atol=1e-4, rtol=1e-4)
