@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..merge import MergeRule, TokenState, attention_bias, bipartite_match, merge_tokens
 from ..thresholds import EncoderSpec
 from ._swap import swap_class
-from .vit import DToMeSettings, DToMeVisionOutput
+from .vit import DToMeSettings, DToMeVisionOutput, run_layers
 
 __all__ = ["is_host", "encoder_spec", "patch", "DToMeOpenClipVisionMixin", "DToMeTimmVisionMixin"]
 
@@ -134,16 +134,6 @@ def _timm_block_forward(block, x, bias, state: TokenState, rule: MergeRule, laye
     return _merge_then_mlp(mlp, x, out, k, state, rule, layer, protect_first)
 
 
-def _run_blocks(blocks, block_forward, x, settings: DToMeSettings, rule, output_hidden_states: bool):
-    state = TokenState.initial(x.shape[0], x.shape[1], device=x.device)
-    hidden_states = (x,) if output_hidden_states else None
-    for i, block in enumerate(blocks[: settings.num_layers]):
-        x, state = block_forward(block, x, attention_bias(state, x.dtype), state, rule, i, settings.protect_first)
-        if hidden_states is not None:
-            hidden_states += (x,)
-    return x, state, hidden_states
-
-
 def _weighted_mean(tokens: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """Size-weighted mean over tokens ``(B, N, C)`` (padding has size 0): the plain mean over original tokens."""
     weights = sizes[..., None].to(tokens.dtype)
@@ -183,7 +173,7 @@ class DToMeOpenClipVisionMixin:
         """
         settings: DToMeSettings = self._dymu
         rule = merge_rule if merge_rule is not None else settings.rule
-        x, state, hidden_states = _run_blocks(self.transformer.resblocks, _block_forward, self._embeds(pixel_values),
+        x, state, hidden_states = run_layers(self.transformer.resblocks, _block_forward, self._embeds(pixel_values),
                                               settings, rule, output_hidden_states)
         if not self.final_ln_after_pool:
             x = self.ln_post(x)
@@ -197,14 +187,7 @@ class DToMeOpenClipVisionMixin:
             pooled = self.ln_post(pooled)
         if self.proj is not None:
             pooled = pooled @ self.proj
-        return DToMeVisionOutput(
-            last_hidden_state=x,
-            pooler_output=pooled,
-            hidden_states=hidden_states,
-            token_sizes=state.sizes,
-            group_ids=state.group_ids,
-            padding_mask=state.padding_mask,
-        )
+        return DToMeVisionOutput.of(x, pooled, hidden_states, state)
 
 
 class DToMeTimmVisionMixin:
@@ -233,7 +216,7 @@ class DToMeTimmVisionMixin:
         settings: DToMeSettings = self._dymu
         rule = merge_rule if merge_rule is not None else settings.rule
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(pixel_values))))
-        x, state, hidden_states = _run_blocks(self.blocks, _timm_block_forward, x, settings, rule, output_hidden_states)
+        x, state, hidden_states = run_layers(self.blocks, _timm_block_forward, x, settings, rule, output_hidden_states)
         x = self.norm(x)
         prefix = self.num_prefix_tokens
         if self.attn_pool is not None:
@@ -246,11 +229,4 @@ class DToMeTimmVisionMixin:
         else:
             pooled = _weighted_mean(x[:, prefix:], state.sizes[:, prefix:])
         pooled = self.head(self.head_drop(self.fc_norm(pooled)))
-        return DToMeVisionOutput(
-            last_hidden_state=x,
-            pooler_output=pooled,
-            hidden_states=hidden_states,
-            token_sizes=state.sizes,
-            group_ids=state.group_ids,
-            padding_mask=state.padding_mask,
-        )
+        return DToMeVisionOutput.of(x, pooled, hidden_states, state)

@@ -47,6 +47,33 @@ class DToMeVisionOutput(BaseModelOutputWithPooling):
     group_ids: torch.Tensor | None = None
     padding_mask: torch.Tensor | None = None
 
+    @classmethod
+    def of(cls, last_hidden_state, pooler_output, hidden_states, state: TokenState) -> "DToMeVisionOutput":
+        """Build from the final tokens, the pooled output and the merge state."""
+        return cls(last_hidden_state=last_hidden_state, pooler_output=pooler_output, hidden_states=hidden_states,
+                   token_sizes=state.sizes, group_ids=state.group_ids, padding_mask=state.padding_mask)
+
+
+def run_layers(layers, layer_forward, x: torch.Tensor, settings: "DToMeSettings", rule: MergeRule,
+               output_hidden_states: bool = False):
+    """Run the first ``settings.num_layers`` layers with merging, carrying the :class:`TokenState`.
+
+    Args:
+        layers: the host's blocks.
+        layer_forward: ``(layer, x, bias, state, rule, layer_index, protect_first) -> (x, state)``.
+        x: ``(B, N0, C)`` embedded tokens.
+
+    Returns:
+        ``(x, state, hidden_states)``; ``hidden_states`` is the embeddings then each layer's output, or None.
+    """
+    state = TokenState.initial(x.shape[0], x.shape[1], device=x.device)
+    hidden_states = (x,) if output_hidden_states else None
+    for i, layer in enumerate(layers[: settings.num_layers]):
+        x, state = layer_forward(layer, x, attention_bias(state, x.dtype), state, rule, i, settings.protect_first)
+        if hidden_states is not None:
+            hidden_states += (x,)
+    return x, state, hidden_states
+
 
 class DToMeAttentionMixin:
     """Encoder self-attention that also returns the merge metric.
@@ -136,13 +163,9 @@ class DToMeEncoderMixin:
             raise NotImplementedError("DToMe encoders build their own attention mask; pass attention_mask=None.")
         settings: DToMeSettings = self._dymu
         rule = merge_rule if merge_rule is not None else settings.rule
-        x = inputs_embeds
-        state = TokenState.initial(x.shape[0], x.shape[1], device=x.device)
-        hidden_states = (x,) if output_hidden_states else None
-        for i, layer in enumerate(self.layers[: settings.num_layers]):
-            x, state = layer(x, attention_bias(state, x.dtype), state, rule, i, settings.protect_first)
-            if hidden_states is not None:
-                hidden_states += (x,)
+        x, state, hidden_states = run_layers(
+            self.layers, lambda layer, *args: layer(*args), inputs_embeds, settings, rule, output_hidden_states
+        )
         return DToMeEncoderOutput(
             last_hidden_state=x,
             hidden_states=hidden_states,
