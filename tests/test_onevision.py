@@ -188,3 +188,22 @@ def test_anyres_crops_in_one_batch_equal_each_crop_alone(tiny_ov_path):
             assert torch.equal(alone.group_ids[0], batch.group_ids[c])
             torch.testing.assert_close(alone.last_hidden_state[0], batch.last_hidden_state[c, : lengths[c]],
                                        atol=1e-5, rtol=0)
+
+
+def test_generate_with_nothing_merged_matches_stock_generate(tiny_ov_path):
+    stock = llava.load_model(tiny_ov_path, vtu=False)
+    pipe = llava.load_model(tiny_ov_path, dymu=merge_nothing(stock), vtu=True)
+    images = [photo("chelsea"), photo("page")]
+    answers, _ = pipe.generate([QUESTION, QUESTION], images, max_new_tokens=6)  # batch of 2, left padding
+    config = stock.model.config
+    for image, answer in zip(images, answers):
+        processed = stock.image_processor([image], return_tensors="pt")
+        _, n_visual = stock_logits(stock, image)
+        ids = stock.tokenizer(build_onevision_prompt(QUESTION), return_tensors="pt")["input_ids"][0]
+        slot = (ids == config.image_token_id).nonzero().item()
+        expanded = torch.cat([ids[:slot], torch.full((n_visual,), config.image_token_id), ids[slot + 1:]])[None]
+        with torch.no_grad():
+            out = stock.model.generate(input_ids=expanded, attention_mask=torch.ones_like(expanded),
+                                       pixel_values=processed["pixel_values"], image_sizes=processed["image_sizes"],
+                                       max_new_tokens=6, do_sample=False, pad_token_id=stock.tokenizer.pad_token_id)
+        assert stock.tokenizer.decode(out[0, expanded.shape[1]:], skip_special_tokens=True).strip() == answer
