@@ -34,8 +34,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     pipe = load_from_config(cfg.model, cfg.dymu, device=cfg.device)
     benchmark = instantiate(cfg.benchmark.task)
 
-    def generate(prompts, images):
-        answers, inputs = pipe.generate(prompts, images, max_new_tokens=cfg.max_new_tokens)
+    def generate(prompts, visual_inputs, max_new_tokens):
+        limit = cfg.max_new_tokens if cfg.max_new_tokens is not None else max_new_tokens
+        answers, inputs = pipe.generate(prompts, visual_inputs, max_new_tokens=limit)
         return answers, inputs.visual_tokens
 
     run = init_wandb(cfg.wandb, OmegaConf.to_container(cfg, resolve=True), output_dir)

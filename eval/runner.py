@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
 
-# (questions, image path lists) -> (answers, visual tokens per sample)
-Generate = Callable[[list[str], list[list[str]]], tuple[list[str], list[int]]]
+# (prompts, visual inputs per sample, max_new_tokens) -> (answers, visual tokens per sample)
+Generate = Callable[[list[str], list[list], int], tuple[list[str], list[int]]]
 
 
 def read_predictions(path: str | os.PathLike) -> list[dict]:
@@ -68,6 +68,7 @@ def summarise(records: Sequence[dict], benchmark: Benchmark) -> dict[str, Any]:
     seconds = [r["seconds"] for r in records if r.get("seconds") is not None]
     mean = sum(tokens) / len(tokens) if tokens else float("nan")
     std = math.sqrt(sum((t - mean) ** 2 for t in tokens) / len(tokens)) if tokens else float("nan")
+    metrics = benchmark.score(list(records))
     return {
         "benchmark": benchmark.name,
         "n_samples": len(records),
@@ -78,7 +79,8 @@ def summarise(records: Sequence[dict], benchmark: Benchmark) -> dict[str, Any]:
             "min": min(tokens) if tokens else None,
             "max": max(tokens) if tokens else None,
         },
-        "metrics": benchmark.score(list(records)),
+        "metrics": metrics,
+        "pending": sorted(name for name, value in metrics.items() if value is None),
         "seconds_per_sample": sum(seconds) / len(seconds) if seconds else None,
     }
 
@@ -112,7 +114,7 @@ def run_benchmark(
     """Evaluate ``benchmark`` with ``generate`` and write ``predictions.jsonl`` and ``metrics.json``.
 
     Args:
-        generate: ``(prompts, image path lists) -> (answers, visual tokens per sample)``.
+        generate: ``(prompts, visual inputs per sample, max_new_tokens) -> (answers, visual tokens per sample)``.
         benchmark: the task (samples, prompt, score).
         output_dir: where the two files go.
         batch_size: samples per ``generate`` call.
@@ -166,10 +168,10 @@ def run_benchmark(
 def _run_batch(generate: Generate, benchmark: Benchmark, batch: list[Sample]) -> list[dict]:
     """Generate for a batch; if it fails, retry sample by sample so one bad sample fails alone."""
     prompts = [benchmark.prompt(s) for s in batch]
-    images = [s.image_paths for s in batch]
+    inputs = [benchmark.visual_inputs(s) for s in batch]
     start = time.perf_counter()
     try:
-        answers, tokens = generate(prompts, images)
+        answers, tokens = generate(prompts, inputs, benchmark.max_new_tokens)
         seconds = (time.perf_counter() - start) / len(batch)
         return [_record(s, a, t, seconds, None) for s, a, t in zip(batch, answers, tokens)]
     except Exception as err:  # noqa: BLE001 - recorded per sample below

@@ -82,7 +82,7 @@ class _Flaky:
     def __init__(self, bad_id_question):
         self.bad = bad_id_question
 
-    def __call__(self, prompts, images):
+    def __call__(self, prompts, inputs, max_new_tokens):
         if any(self.bad in p for p in prompts):
             raise RuntimeError("boom")
         return ["yes"] * len(prompts), [10] * len(prompts)
