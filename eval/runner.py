@@ -100,6 +100,21 @@ def _record(sample: Sample, prediction: str | None, tokens: int | None, seconds:
     return record
 
 
+def _dist() -> tuple[int, int]:
+    """``(rank, world size)`` of an initialised torch.distributed group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def run_benchmark(
     generate: Generate,
     benchmark: Benchmark,
@@ -113,15 +128,22 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Evaluate ``benchmark`` with ``generate`` and write ``predictions.jsonl`` and ``metrics.json``.
 
+    Resumable: finished samples are appended (flushed, fsynced) as they come, and a run started again with the
+    same ``output_dir`` evaluates only what is missing. Data-parallel under an initialised torch.distributed
+    group (e.g. ``torchrun``): the missing samples are split over the ranks (every one evaluated exactly once),
+    each rank appends to its own ``predictions.rank<k>.jsonl``, and rank 0 gathers the records, writes the
+    merged ``predictions.jsonl`` (in benchmark order) and ``metrics.json``, and removes the rank files. Every
+    rank returns the metrics.
+
     Args:
         generate: ``(prompts, visual inputs per sample, max_new_tokens) -> (answers, visual tokens per sample)``.
         benchmark: the task (samples, prompt, score).
-        output_dir: where the two files go.
+        output_dir: where the files go (shared by all ranks).
         batch_size: samples per ``generate`` call.
         limit: evaluate only the first ``limit`` samples.
-        resume: continue an existing ``predictions.jsonl``; if False and predictions exist, refuse.
-        progress: tqdm bar.
-        on_record: called with each new record (e.g. to log to wandb).
+        resume: continue existing predictions; if False and predictions exist, refuse.
+        progress: tqdm bar (rank 0).
+        on_record: called with each new record of this rank (e.g. to log to wandb).
 
     Returns:
         The metrics dict (also written to ``metrics.json``).
@@ -129,39 +151,62 @@ def run_benchmark(
     Raises:
         FileExistsError: predictions exist and ``resume`` is False.
     """
+    rank, world = _dist()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     pred_path = output_dir / PREDICTIONS
-    if pred_path.exists() and not resume:
+    existing = [pred_path, *sorted(output_dir.glob("predictions.rank*.jsonl"))]
+    if not resume and any(p.exists() for p in existing):
         raise FileExistsError(f"{pred_path} exists; pass resume=true to continue it, or choose another output_dir.")
     samples = benchmark.samples()
     if limit is not None:
         samples = samples[:limit]
     wanted = {s.id for s in samples}
-    records = [r for r in read_predictions(pred_path) if r["id"] in wanted]
-    done = {r["id"] for r in records}
-    todo = [s for s in samples if s.id not in done]
-    if done:
-        logger.info("resuming: %d of %d samples already in %s", len(done), len(samples), pred_path)
-    with open(pred_path, "a", encoding="utf-8") as out, tqdm(
-        total=len(samples), initial=len(done), desc=f"eval {benchmark.name}", unit="sample", disable=not progress
+    records = {r["id"]: r for p in existing for r in read_predictions(p) if r["id"] in wanted}
+    todo = [s for s in samples if s.id not in records]
+    if records and rank == 0:
+        logger.info("resuming: %d of %d samples already in %s", len(records), len(samples), output_dir)
+    mine = todo[rank::world]  # every rank read the same files, so the shards are disjoint and complete
+    own_path = pred_path if world == 1 else output_dir / f"predictions.rank{rank}.jsonl"
+    new = []
+    with open(own_path, "a", encoding="utf-8") as out, tqdm(
+        total=len(samples), initial=len(records), desc=f"eval {benchmark.name}", unit="sample",
+        disable=not progress or rank != 0,
     ) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
+        for start in range(0, len(mine), batch_size):
+            batch = mine[start : start + batch_size]
             for record in _run_batch(generate, benchmark, batch):
+                if world > 1:
+                    record["rank"] = rank
                 out.write(json.dumps(record) + "\n")
                 out.flush()
                 os.fsync(out.fileno())
-                records.append(record)
+                new.append(record)
                 if on_record is not None:
                     on_record(record)
-            bar.update(len(batch))
-    order = {s.id: i for i, s in enumerate(samples)}
-    records.sort(key=lambda r: order[r["id"]])
-    metrics = summarise(records, benchmark)
-    tmp = output_dir / (METRICS + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(output_dir / METRICS)
+            bar.update(len(batch) * world)  # rank 0's view of the whole run
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(new, gathered, dst=0)
+        new = [r for part in (gathered or []) for r in part]
+    metrics = None
+    if rank == 0:
+        records.update({r["id"]: r for r in new})
+        order = {s.id: i for i, s in enumerate(samples)}
+        ordered = sorted(records.values(), key=lambda r: order[r["id"]])
+        rank_files = sorted(output_dir.glob("predictions.rank*.jsonl"))  # all ranks are past the gather
+        if rank_files:  # merge them into one predictions.jsonl
+            _write_atomic(pred_path, "".join(json.dumps(r) + "\n" for r in ordered))
+            for path in rank_files:
+                path.unlink()
+        metrics = summarise(ordered, benchmark)
+        _write_atomic(output_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
+    if world > 1:
+        box = [metrics]
+        dist.broadcast_object_list(box, src=0)
+        metrics = box[0]
     return metrics
 
 
