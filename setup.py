@@ -33,7 +33,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "eval": ["hydra-core>=1.3,<1.4", "wandb", "scikit-image"],
+        "eval": ["hydra-core>=1.3,<1.4", "wandb", "scikit-image", "datasets"],  # datasets: Hub benchmark data
         # open_clip needs torchvision; keep it out of the main environment on CPU-only machines (transformers'
         # image classes break with PyPI's torchvision there; see dymu.prepare_cpu_torchvision).
         "openclip": ["open_clip_torch>=3.0", "torchvision"],

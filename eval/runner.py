@@ -92,6 +92,7 @@ def _record(sample: Sample, prediction: str | None, tokens: int | None, seconds:
         "prediction": prediction,
         "answers": sample.answers,
         "answer_type": sample.answer_type,
+        "meta": sample.meta,
         "visual_tokens": tokens,
         "seconds": seconds,
     }

@@ -8,17 +8,9 @@ Writes predictions.jsonl and metrics.json under output_dir (re-running resumes),
 default; wandb.mode=disabled turns it off). Config: hydra_conf/eval.yaml.
 """
 
-import sys
-from pathlib import Path
-
+import _bootstrap  # noqa: F401 - first: keeps this file from shadowing the `eval` package
 import hydra
 from omegaconf import DictConfig
-
-# Run as a script, this file's folder is sys.path[0] and its name would shadow the `eval` package:
-# put the repository root there instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
 
 
 @hydra.main(config_path="../hydra_conf", config_name="eval", version_base="1.3")

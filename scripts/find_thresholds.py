@@ -8,6 +8,7 @@ Writes the thresholds JSON to `output` (default: the model config's file for the
 hydra_conf/find_thresholds.yaml.
 """
 
+import _bootstrap  # noqa: F401 - first: keeps scripts/eval.py from shadowing the `eval` package
 import hydra
 from omegaconf import DictConfig
 

@@ -69,3 +69,32 @@ def test_onevision_checkpoint_switch():
     cfg = composed("eval", ["model=llava_ov_7b", "model.checkpoint=si", "dymu=mid"])
     assert cfg.model.name_or_path == "llava-hf/llava-onevision-qwen2-7b-si-hf"
     assert cfg.model.thresholds.mid.endswith("llava_ov_7b_si_mid.json")
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_with_every_swept_value(experiment, tmp_path):
+    """Each experiment composes, and so does every combination its sweeper would launch."""
+    base = composed("eval", [f"experiment={experiment}", f"paths.output_dir={tmp_path}"])
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        raw = compose(config_name="eval", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    params = raw.hydra.sweeper.params
+    assert params, "an experiment must sweep something"
+    first = [f"{key}={str(values).split(',')[0]}" for key, values in params.items()]
+    last = [f"{key}={str(values).split(',')[-1]}" for key, values in params.items()]
+    names = set()
+    for overrides in (first, last):
+        cfg = composed("eval", [f"experiment={experiment}", f"paths.output_dir={tmp_path}", *overrides])
+        names.add(cfg.output_dir)
+        assert cfg.wandb.group == experiment.replace(".yaml", "")
+    assert len(names) == 2  # different arms never share an output directory
+    assert base.model.name in ("llava15", "llava_ov_7b")
+
+
+def test_ablation_vtu_arms_get_distinct_run_names(tmp_path):
+    on = composed("eval", ["experiment=ablation_vtu", "dymu=mid", "dymu.vtu=true", "benchmark=sample"])
+    off = composed("eval", ["experiment=ablation_vtu", "dymu=mid", "dymu.vtu=false", "benchmark=sample"])
+    assert on.output_dir != off.output_dir and on.wandb.name == "mid-vtu_True-sample"

@@ -46,7 +46,8 @@ class Benchmark(abc.ABC):
 
     @abc.abstractmethod
     def score(self, records: list[dict]) -> dict[str, float | None]:
-        """Metrics from prediction records; each record has at least 'id', 'prediction', 'answers', 'answer_type'.
+        """Metrics from prediction records; each record has 'id', 'prediction', 'answers', 'answer_type' and the
+        sample's 'meta' (so scores can be grouped by split / category).
 
         A metric that cannot be computed yet (e.g. an LLM judge without an API key) is ``None``: reported as
         pending, never as zero.

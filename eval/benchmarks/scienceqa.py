@@ -1,0 +1,262 @@
+"""ScienceQA-IMG test: the ScienceQA test questions that come with an image.
+
+Data (local, official format of https://github.com/lupantech/ScienceQA, ``data/scienceqa``):
+
+- ``problems.json``: ``{problem id: {"question", "choices" (list of str), "answer" (index into
+  choices), "hint" (context text, may be ""), "image" ("image.png" or null), "split"
+  ("train"/"val"/"test"), "subject", "grade", "topic", "category", "skill", "lecture", ...}}``;
+- ``pid_splits.json`` (optional): ``{"test": [problem ids in order], ...}``; without it the problems
+  with ``split == "test"`` are taken in file order;
+- ``images/test/<problem id>/image.png``.
+
+Only test problems with an image are kept (the "IMG" subset, 2017 questions, on which LLaVA-1.5
+reports ScienceQA).
+
+Data (online): the Hugging Face dataset ``lmms-lab/ScienceQA`` (config ``ScienceQA-IMG``, split
+``test``), the same fields with a decoded ``image`` and no problem id (the row number is used); used
+when ``data_dir`` is None (needs ``pip install datasets``); images are written once to a cache folder.
+
+Prompt (LLaVA-1.5: the ``llava_test_CQM-A.json`` question file of its evaluation data, asked with
+``--single-pred-prompt``): ``"Context: <hint>\\n"`` when the hint is not empty, the question, a newline,
+the options as ``"A. ...\\nB. ..."`` and "\\nAnswer with the option's letter from the given choices
+directly."
+
+Metric: accuracy in percent (ScienceQA paper, Lu et al. 2022), overall and per subject (natural /
+social / language science) and grade band (G1-6, G7-12), the columns of the paper's tables. Answers
+are read with :func:`eval.benchmarks.choices.extract_choice`; an unreadable one is wrong (LLaVA's
+scorer picks a random option instead).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from eval.benchmarks.base import Benchmark, Sample
+from eval.benchmarks.choices import (
+    MULTIPLE_CHOICE_PROMPT,
+    accuracy_by,
+    extract_choice,
+    format_options,
+    options_from_list,
+    percent,
+    sample_of,
+)
+
+__all__ = ["ScienceQABenchmark"]
+
+logger = logging.getLogger(__name__)
+
+PROBLEMS_FILE = "problems.json"
+SPLITS_FILE = "pid_splits.json"
+DOWNLOAD_HINT = (
+    "get problems.json, pid_splits.json and the test images (images/test/<id>/image.png) from "
+    "https://github.com/lupantech/ScienceQA (data/scienceqa)"
+)
+REQUIRED_KEYS = ("question", "choices", "answer")
+
+
+class ScienceQABenchmark(Benchmark):
+    """ScienceQA-IMG test: multiple-choice science questions about one image each.
+
+    Args:
+        data_dir: folder holding ``problems.json`` (+ optional ``pid_splits.json``) and ``images/``;
+            None loads ``hub_id`` with ``datasets.load_dataset`` instead.
+        limit: keep only the first ``limit`` questions.
+        image_cache_dir: where images from the hub are written once; default
+            ``$DYMU_CACHE_DIR/benchmarks/scienceqa`` (``~/.cache/dymu/...``). Unused for local data.
+        hub_id, hub_config, hub_split: the Hugging Face dataset used when ``data_dir`` is None.
+
+    Samples have the problem id as id, ``answers == [letter]`` and ``meta`` with ``options``,
+    ``answer_letter``, ``hint``, ``subject``, ``grade`` and the other fields of the problem.
+
+    Raises:
+        FileNotFoundError: ``data_dir`` or ``problems.json`` is missing (says where to get them).
+        ValueError: a malformed problem or a missing image; the message names the file, the problem
+            id and what to fix.
+    """
+
+    name = "scienceqa"
+    max_new_tokens = 8
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        limit: int | None = None,
+        image_cache_dir: str | None = None,
+        hub_id: str | None = "lmms-lab/ScienceQA",
+        hub_config: str | None = "ScienceQA-IMG",
+        hub_split: str = "test",
+    ) -> None:
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be None or >= 0, got {limit}")
+        if data_dir is not None:
+            self._samples = _read_local(Path(data_dir), limit, hub_id)
+            source = str(Path(data_dir) / PROBLEMS_FILE)
+        else:
+            if not hub_id:
+                raise ValueError(f"pass data_dir= a folder holding {PROBLEMS_FILE}, or hub_id= a dataset id")
+            cache = Path(image_cache_dir) if image_cache_dir else _default_cache(self.name)
+            self._samples = _read_hub(hub_id, hub_config, hub_split, cache, limit)
+            source = f"{hub_id} ({hub_config}, {hub_split})"
+        self._by_id = {s.id: s for s in self._samples}
+        logger.info("ScienceQA-IMG: %d questions from %s", len(self._samples), source)
+
+    def samples(self) -> list[Sample]:
+        """The test questions with an image, in ``pid_splits.json`` (else file) order."""
+        return list(self._samples)
+
+    def prompt(self, sample: Sample) -> str:
+        """``Context: <hint>`` line (if any) + question + options + LLaVA-1.5's multiple-choice instruction."""
+        context = f"Context: {sample.meta['hint']}\n" if sample.meta["hint"] else ""
+        return context + sample.question + "\n" + format_options(sample.meta["options"]) + MULTIPLE_CHOICE_PROMPT
+
+    def score(self, records: list[dict]) -> dict[str, float | None]:
+        """Accuracy in percent: ``accuracy``, ``subject/<subject>`` and ``grade/G1-6``, ``grade/G7-12``.
+
+        A record is right when the option extracted from its prediction is the answer letter; a None
+        prediction (a failed sample) is wrong. Records are matched to samples by id.
+        """
+        if not records:
+            return {}
+        samples = [sample_of(record, self._by_id, self.name) for record in records]
+        correct = [
+            extract_choice(record["prediction"], sample.meta["options"]) == sample.meta["answer_letter"]
+            for record, sample in zip(records, samples)
+        ]
+        metrics: dict[str, float | None] = {"accuracy": percent(correct)}
+        metrics.update(accuracy_by(correct, [s.meta["subject"] for s in samples], "subject"))
+        metrics.update(accuracy_by(correct, [_grade_band(s.meta["grade"]) for s in samples], "grade"))
+        return metrics
+
+
+def _grade_band(grade: str) -> str:
+    """``"grade3"`` -> ``"G1-6"``, ``"grade10"`` -> ``"G7-12"`` (the ScienceQA paper's columns); else ``""``."""
+    found = re.fullmatch(r"grade(\d+)", grade or "")
+    if not found:
+        return ""
+    return "G1-6" if int(found.group(1)) <= 6 else "G7-12"
+
+
+def _default_cache(name: str) -> Path:
+    """``$DYMU_CACHE_DIR/benchmarks/<name>`` (default cache dir ``~/.cache/dymu``, as in hydra_conf/paths)."""
+    root = os.environ.get("DYMU_CACHE_DIR") or str(Path.home() / ".cache" / "dymu")
+    return Path(root) / "benchmarks" / name
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); use the official file") from exc
+
+
+def _read_local(data_dir: Path, limit: int | None, hub_id: str | None) -> list[Sample]:
+    path = data_dir / PROBLEMS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found; {DOWNLOAD_HINT} into {data_dir.resolve()} "
+            f"(or pass data_dir=null to load the Hugging Face dataset {hub_id!r})"
+        )
+    problems = _load_json(path)
+    if not isinstance(problems, dict):
+        raise ValueError(f"{path}: expected a JSON object {{problem id: problem}}, got {type(problems).__name__}")
+
+    splits_path = data_dir / SPLITS_FILE
+    if splits_path.is_file():
+        splits = _load_json(splits_path)
+        if not isinstance(splits, dict) or not isinstance(splits.get("test"), list):
+            raise ValueError(f"{splits_path}: expected a JSON object with a 'test' list of problem ids")
+        unknown = [pid for pid in splits["test"] if str(pid) not in problems]
+        if unknown:
+            raise ValueError(
+                f"{splits_path}: test id(s) {unknown[:5]} are not in {path}; use the two files of one release"
+            )
+        test_ids = [str(pid) for pid in splits["test"]]
+    else:
+        test_ids = [
+            pid for pid, problem in problems.items() if isinstance(problem, dict) and problem.get("split") == "test"
+        ]
+
+    samples: list[Sample] = []
+    for pid in test_ids:
+        problem = problems[pid]
+        where = f"{path}: problem {pid!r}"
+        if not isinstance(problem, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(problem).__name__}")
+        if not problem.get("image"):
+            continue  # not in the IMG subset
+        if limit is not None and len(samples) >= limit:
+            break
+        image = (data_dir / "images" / "test" / pid / problem["image"]).resolve()
+        if not image.is_file():
+            raise ValueError(f"{where}: image {image} does not exist; {DOWNLOAD_HINT}")
+        samples.append(_sample(pid, problem, str(image), where))
+    if not samples:
+        raise ValueError(f"{path} holds no test problems with an image; {DOWNLOAD_HINT}")
+    return samples
+
+
+def _sample(pid: str, problem: dict, image_path: str, where: str) -> Sample:
+    """Validate one problem and make its sample."""
+    missing = [key for key in REQUIRED_KEYS if key not in problem]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}; every problem needs {list(REQUIRED_KEYS)}")
+    question, choices, answer = problem["question"], problem["choices"], problem["answer"]
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: 'question' must be a non-empty string, got {question!r}")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        raise ValueError(f"{where}: 'choices' must be a list of at least 2 strings, got {choices!r}")
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise ValueError(
+            f"{where}: 'answer' must be the index (0..{len(choices) - 1}) of the right choice, got {answer!r}"
+        )
+    options = options_from_list(choices)
+    letter = list(options)[answer]
+    hint = problem.get("hint") or ""
+    meta = {key: value for key, value in problem.items() if key not in ("question", "choices", "answer", "hint")}
+    meta.update(options=options, answer_letter=letter, hint=hint.strip(),
+                subject=problem.get("subject") or "", grade=problem.get("grade") or "")
+    return Sample(
+        id=pid,
+        image_paths=[image_path],
+        question=question.strip(),
+        answers=[letter],
+        answer_type="multiple_choice",
+        meta=meta,
+    )
+
+
+def _read_hub(hub_id: str, config: str | None, split: str, cache: Path, limit: int | None) -> list[Sample]:
+    """Questions of the Hugging Face copy (no problem ids: the row number is the id)."""
+    try:
+        from datasets import load_dataset
+    except ImportError as exc:
+        raise ImportError(
+            f"loading {hub_id} needs the 'datasets' package: pip install datasets (or pass data_dir= a "
+            f"folder holding {PROBLEMS_FILE}; {DOWNLOAD_HINT})"
+        ) from exc
+    return _samples_from_rows(load_dataset(hub_id, config, split=split), cache, limit, f"{hub_id}[{split}]")
+
+
+def _samples_from_rows(rows, cache: Path, limit: int | None, source: str) -> list[Sample]:
+    """Samples from dict rows with a PIL ``image`` (rows without one are skipped)."""
+    samples: list[Sample] = []
+    for number, row in enumerate(rows):
+        if row.get("image") is None:
+            continue
+        if limit is not None and len(samples) >= limit:
+            break
+        pid = str(number)
+        target = (cache / f"{pid}.png").resolve()
+        if not target.is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            row["image"].convert("RGB").save(target.with_suffix(".tmp.png"))
+            target.with_suffix(".tmp.png").replace(target)
+        problem = {key: value for key, value in row.items() if key != "image"}
+        samples.append(_sample(pid, problem, str(target), f"{source} row {number}"))
+    return samples
