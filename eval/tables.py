@@ -28,7 +28,8 @@ COLUMNS: list[tuple[str, str, str, float | None]] = [
     ("SEED-I", "seed", "accuracy", 1.0),
     ("TextVQA", "textvqa", "accuracy", 1.0),
     ("MM-Vet", "mmvet", "mm_vet", 1.0),
-    ("LLaVA-W", "llava_bench", "relative_score", 1.0),
+    ("LLaVA-W", "llava_bench", "llava_wild", 1.0),
+    ("Video-MME", "videomme", "accuracy", 1.0),
     ("Sample", "sample", "accuracy", 1.0),
 ]
 AVERAGE_NOTE = ("Avg (ours): mean of the percent-scale columns present, MME perception as % of 2000. The paper's "
@@ -104,7 +105,7 @@ def collect(root: str | os.PathLike, model: str | None = None) -> list[Row]:
 
 def paper_rows() -> list[Row]:
     """The paper's LLaVA-1.5-7B rows in the same columns."""
-    titles = [title for title, *_ in COLUMNS if title != "Sample"]
+    titles = [title for title, *_ in COLUMNS if title not in ("Video-MME", "Sample")]
     return [Row(method=f"{method} (paper)", tokens=tokens, values=dict(zip(titles, values)), average=avg,
                 source="paper") for method, tokens, values, avg in PAPER_LLAVA15]
 
