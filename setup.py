@@ -32,11 +32,14 @@ setup(
         "numpy",
         "tqdm",
     ],
+    entry_points={"lmms_eval.models": ["dymu = llava.lmms_plugin:manifests"]},
     extras_require={
         "eval": ["hydra-core>=1.3,<1.4", "wandb", "scikit-image", "datasets"],  # datasets: Hub benchmark data
         # open_clip needs torchvision; keep it out of the main environment on CPU-only machines (transformers'
         # image classes break with PyPI's torchvision there; see dymu.prepare_cpu_torchvision).
         "openclip": ["open_clip_torch>=3.0", "torchvision"],
+        # lmms-eval plugin (llava.lmms_plugin); install with hydra-core in one pip call (antlr4 stays at 4.9).
+        "lmms": ["lmms-eval==0.7.3", "decord"],
         "dev": [
             "hydra-core>=1.3,<1.4",
             "wandb",
