@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import string
 from pathlib import Path
 
+from eval.benchmarks import _hub
 from eval.benchmarks.base import Benchmark, Sample
 from eval.metrics import mean
 
@@ -107,7 +107,7 @@ class GQABenchmark(Benchmark):
             source = str(self.data_dir)
         elif hub_id:
             self.data_dir = None
-            cache = (Path(image_cache_dir) if image_cache_dir else _default_cache_dir() / self.name).resolve()
+            cache = (Path(image_cache_dir) if image_cache_dir else _hub.default_cache(self.name)).resolve()
             self._samples = _load_hub(hub_id, cache)
             source = hub_id
         else:
@@ -132,11 +132,6 @@ class GQABenchmark(Benchmark):
         if not records:
             return {}
         return {"accuracy": 100.0 * mean(gqa_match(r["prediction"], r["answers"]) for r in records)}
-
-
-def _default_cache_dir() -> Path:
-    root = os.environ.get("DYMU_CACHE_DIR") or Path.home() / ".cache" / "dymu"
-    return Path(root) / "benchmarks"
 
 
 def _first_existing(data_dir: Path, name: str) -> Path | None:
@@ -263,14 +258,10 @@ def _read_llava_questions(
 
 def _load_hub(hub_id: str, cache: Path) -> list[Sample]:
     """Questions from ``hub_id`` (configs ``testdev_balanced_instructions`` / ``_images``), images cached as files."""
-    try:
-        from datasets import Image as ImageFeature
-        from datasets import load_dataset
-    except ImportError as exc:
-        raise ImportError(f"loading {hub_id} needs the 'datasets' package (pip install datasets), "
-                          f"or pass data_dir= a local copy of GQA") from exc
-    images = load_dataset(hub_id, HUB_IMAGES_CONFIG, split=HUB_SPLIT)
-    images = images.cast_column("image", ImageFeature(decode=False))  # raw file bytes: no re-encoding
+    local_hint = "a local copy of GQA"
+    image_feature = _hub.hub_image_feature(hub_id, local_hint)
+    images = _hub.load_dataset(hub_id, HUB_IMAGES_CONFIG, split=HUB_SPLIT, local_hint=local_hint)
+    images = images.cast_column("image", image_feature(decode=False))  # raw file bytes: no re-encoding
     image_dir = cache / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -280,7 +271,7 @@ def _load_hub(hub_id: str, cache: Path) -> list[Sample]:
             path.write_bytes(row["image"]["bytes"] or Path(row["image"]["path"]).read_bytes())
         paths[row["id"]] = path
     samples = []
-    for row in load_dataset(hub_id, HUB_QUESTIONS_CONFIG, split=HUB_SPLIT):
+    for row in _hub.load_dataset(hub_id, HUB_QUESTIONS_CONFIG, split=HUB_SPLIT, local_hint=local_hint):
         if row["imageId"] not in paths:
             raise ValueError(f"{hub_id}: question {row['id']} refers to image {row['imageId']}, "
                              f"which is not in its {HUB_IMAGES_CONFIG} config")

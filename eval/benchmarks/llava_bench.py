@@ -31,6 +31,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
+from eval.benchmarks import _hub
 from eval.benchmarks.base import Benchmark, Sample
 from eval.benchmarks.judge import JudgeClient, JudgeError, make_judge
 
@@ -214,12 +215,7 @@ class LLaVABenchWildBenchmark(Benchmark):
 
     def _load_hub(self, hub_id: str) -> list[Sample]:
         """Questions of the Hugging Face copy (images stay in the dataset, decoded on use)."""
-        try:
-            from datasets import load_dataset
-        except ImportError as err:
-            raise ImportError(f"loading {hub_id} needs the `datasets` package (pip install datasets); "
-                              "or pass data_dir= the llava-bench-in-the-wild folder") from err
-        self._hub = load_dataset(hub_id, split="train")
+        self._hub = _hub.load_dataset(hub_id, split="train", local_hint="the llava-bench-in-the-wild folder")
         return [
             Sample(id=str(row["question_id"]), image_paths=[], question=row["question"], answers=[row["gpt_answer"]],
                    answer_type="open", meta={"category": row["category"], "caption": row["caption"], "hub_row": i})

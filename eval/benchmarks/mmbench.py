@@ -34,13 +34,13 @@ import binascii
 import csv
 import io
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from eval.benchmarks import _hub
 from eval.benchmarks.base import Benchmark, Sample
 from eval.benchmarks.choices import (
     MULTIPLE_CHOICE_PROMPT,
@@ -160,7 +160,7 @@ class MMBenchBenchmark(Benchmark):
         else:
             if not hub_id:
                 raise ValueError("pass data_dir= a folder holding the MMBench TSV, or hub_id= a dataset id")
-            cache = Path(image_cache_dir) if image_cache_dir else _default_cache("mmbench")
+            cache = Path(image_cache_dir) if image_cache_dir else _hub.default_cache("mmbench")
             questions = _read_hub(hub_id, hub_config, hub_split, cache, limit)
             source = f"{hub_id} ({hub_config}, {hub_split})"
         self._samples = [s for question in questions for s in self._expand(question)]
@@ -237,12 +237,6 @@ class MMBenchBenchmark(Benchmark):
         metrics.update(accuracy_by(correct, [first[g].meta["category"] for g in results], "category"))
         metrics.update(accuracy_by(correct, [first[g].meta["l2_category"] for g in results], "l2-category"))
         return metrics
-
-
-def _default_cache(name: str) -> Path:
-    """``$DYMU_CACHE_DIR/benchmarks/<name>`` (default cache dir ``~/.cache/dymu``, as in hydra_conf/paths)."""
-    root = os.environ.get("DYMU_CACHE_DIR") or str(Path.home() / ".cache" / "dymu")
-    return Path(root) / "benchmarks" / name
 
 
 def _read_tsv(path: Path, cache: Path, limit: int | None) -> list[dict]:
@@ -382,14 +376,7 @@ def _cache_image(data: bytes, cache: Path, index: int, where: str) -> str:
 
 def _read_hub(hub_id: str, config: str | None, split: str, cache: Path, limit: int | None) -> list[dict]:
     """Questions of the Hugging Face copy of MMBench (same columns, ``image`` decoded by ``datasets``)."""
-    try:
-        from datasets import load_dataset
-    except ImportError as exc:
-        raise ImportError(
-            f"loading {hub_id} needs the 'datasets' package: pip install datasets (or pass data_dir= a "
-            f"folder holding {TSV_FILE})"
-        ) from exc
-    dataset = load_dataset(hub_id, config, split=split)
+    dataset = _hub.load_dataset(hub_id, config, split=split, local_hint=f"a folder holding {TSV_FILE}")
     return _questions_from_rows(dataset, cache, limit, f"{hub_id}[{split}]")
 
 

@@ -29,6 +29,7 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
+from eval.benchmarks import _hub
 from eval.benchmarks.base import Benchmark, Sample
 
 __all__ = ["COGNITION", "PERCEPTION", "MMEBenchmark", "mme_yes_no"]
@@ -169,12 +170,8 @@ class MMEBenchmark(Benchmark):
 
     def _load_hub(self, hub_id: str, wanted: tuple[str, ...]) -> list[Sample]:
         """Questions of the Hugging Face copy (images stay in the dataset, decoded on use)."""
-        try:
-            from datasets import load_dataset
-        except ImportError as err:
-            raise ImportError(f"loading {hub_id} needs the `datasets` package (pip install datasets); "
-                              "or pass data_dir= the official MME_Benchmark_release_version folder") from err
-        self._hub = load_dataset(hub_id, split="test")
+        self._hub = _hub.load_dataset(hub_id, split="test",
+                                      local_hint="the official MME_Benchmark_release_version folder")
         rows = self._hub.remove_columns("image")
         samples: list[Sample] = []
         seen: dict[str, int] = defaultdict(int)

@@ -27,6 +27,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
+from eval.benchmarks import _hub
 from eval.benchmarks.base import Benchmark, Sample
 from eval.benchmarks.judge import JudgeClient, JudgeError, make_judge
 
@@ -206,12 +207,7 @@ class MMVetBenchmark(Benchmark):
 
     def _load_hub(self, hub_id: str) -> list[Sample]:
         """Questions of the Hugging Face copy (images stay in the dataset, decoded on use)."""
-        try:
-            from datasets import load_dataset
-        except ImportError as err:
-            raise ImportError(f"loading {hub_id} needs the `datasets` package (pip install datasets); "
-                              "or pass data_dir= the unzipped mm-vet folder") from err
-        self._hub = load_dataset(hub_id, split="test")
+        self._hub = _hub.load_dataset(hub_id, split="test", local_hint="the unzipped mm-vet folder")
         samples = []
         for row_index, row in enumerate(self._hub.remove_columns("image")):
             capability = row["capability"]

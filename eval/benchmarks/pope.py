@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import string
 from collections.abc import Sequence
 from pathlib import Path
 
+from eval.benchmarks import _hub
 from eval.benchmarks.base import Benchmark, Sample
 
 __all__ = ["POPEBenchmark", "SPLITS", "pope_answer", "pope_metrics"]
@@ -146,7 +146,7 @@ class POPEBenchmark(Benchmark):
             source = str(self.data_dir)
         elif hub_id:
             self.data_dir = None
-            cache = (Path(image_cache_dir) if image_cache_dir else _default_cache_dir() / self.name).resolve()
+            cache = (Path(image_cache_dir) if image_cache_dir else _hub.default_cache(self.name)).resolve()
             by_split = _load_hub(hub_id, self.splits, cache)
             source = hub_id
         else:
@@ -208,11 +208,6 @@ def _split_of(record: dict) -> str:
             f"with split in {list(SPLITS)}"
         )
     return split
-
-
-def _default_cache_dir() -> Path:
-    root = os.environ.get("DYMU_CACHE_DIR") or Path.home() / ".cache" / "dymu"
-    return Path(root) / "benchmarks"
 
 
 def _load_local(data_dir: Path, splits: tuple[str, ...], hub_id: str | None) -> dict[str, list[Sample]]:
@@ -283,13 +278,10 @@ def _read_split(path: Path, split: str, images_dir: Path) -> list[Sample]:
 
 def _load_hub(hub_id: str, splits: tuple[str, ...], cache: Path) -> dict[str, list[Sample]]:
     """Questions of ``hub_id``'s ``test`` split grouped by its ``category`` column; images cached as files."""
-    try:
-        from datasets import Image as ImageFeature
-        from datasets import load_dataset
-    except ImportError as exc:
-        raise ImportError(f"loading {hub_id} needs the 'datasets' package (pip install datasets), "
-                          f"or pass data_dir= a local copy of POPE") from exc
-    rows = load_dataset(hub_id, split=HUB_SPLIT).cast_column("image", ImageFeature(decode=False))
+    local_hint = "a local copy of POPE"
+    image_feature = _hub.hub_image_feature(hub_id, local_hint)
+    rows = _hub.load_dataset(hub_id, split=HUB_SPLIT, local_hint=local_hint)
+    rows = rows.cast_column("image", image_feature(decode=False))
     image_dir = cache / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     by_split: dict[str, list[Sample]] = {split: [] for split in splits}

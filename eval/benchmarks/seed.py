@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
+from eval.benchmarks import _hub
 from eval.benchmarks.base import Benchmark, Sample
 from eval.benchmarks.choices import (
     MULTIPLE_CHOICE_PROMPT,
@@ -109,7 +109,7 @@ class SEEDBenchmark(Benchmark):
         else:
             if not hub_id:
                 raise ValueError(f"pass data_dir= a folder holding {JSON_FILE}, or hub_id= a dataset id")
-            cache = Path(image_cache_dir) if image_cache_dir else _default_cache(self.name)
+            cache = Path(image_cache_dir) if image_cache_dir else _hub.default_cache(self.name)
             self._samples = _read_hub(hub_id, hub_config, hub_split, cache, limit)
             source = f"{hub_id} ({hub_split})"
         self._by_id = {s.id: s for s in self._samples}
@@ -139,12 +139,6 @@ class SEEDBenchmark(Benchmark):
         metrics: dict[str, float | None] = {"accuracy": percent(correct)}
         metrics.update(accuracy_by(correct, [s.meta["question_type"] for s in samples], "question_type"))
         return metrics
-
-
-def _default_cache(name: str) -> Path:
-    """``$DYMU_CACHE_DIR/benchmarks/<name>`` (default cache dir ``~/.cache/dymu``, as in hydra_conf/paths)."""
-    root = os.environ.get("DYMU_CACHE_DIR") or str(Path.home() / ".cache" / "dymu")
-    return Path(root) / "benchmarks" / name
 
 
 def _read_local(data_dir: Path, limit: int | None, hub_id: str | None) -> list[Sample]:
@@ -228,14 +222,9 @@ def _sample(question: dict, type_names: dict[int, str], where: str, image_dir: P
 
 
 def _read_hub(hub_id: str, config: str | None, split: str, cache: Path, limit: int | None) -> list[Sample]:
-    try:
-        from datasets import load_dataset
-    except ImportError as exc:
-        raise ImportError(
-            f"loading {hub_id} needs the 'datasets' package: pip install datasets (or pass data_dir= a "
-            f"folder holding {JSON_FILE}; {DOWNLOAD_HINT})"
-        ) from exc
-    return _samples_from_rows(load_dataset(hub_id, config, split=split), cache, limit, f"{hub_id}[{split}]")
+    local_hint = f"a folder holding {JSON_FILE}; {DOWNLOAD_HINT}"
+    rows = _hub.load_dataset(hub_id, config, split=split, local_hint=local_hint)
+    return _samples_from_rows(rows, cache, limit, f"{hub_id}[{split}]")
 
 
 def _samples_from_rows(rows, cache: Path, limit: int | None, source: str) -> list[Sample]:

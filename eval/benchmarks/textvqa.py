@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
+from eval.benchmarks import _hub
 from eval.benchmarks.base import Benchmark, Sample
 from eval.benchmarks.vqa_accuracy import vqa_accuracy
 from eval.metrics import mean
@@ -88,7 +88,7 @@ class TextVQABenchmark(Benchmark):
             source = str(self.data_dir)
         elif hub_id:
             self.data_dir = None
-            cache = (Path(image_cache_dir) if image_cache_dir else _default_cache_dir() / self.name).resolve()
+            cache = (Path(image_cache_dir) if image_cache_dir else _hub.default_cache(self.name)).resolve()
             self._samples = _load_hub(hub_id, cache)
             source = hub_id
         else:
@@ -116,11 +116,6 @@ class TextVQABenchmark(Benchmark):
         if not records:
             return {}
         return {"accuracy": 100.0 * mean(vqa_accuracy(r["prediction"], r["answers"]) for r in records)}
-
-
-def _default_cache_dir() -> Path:
-    root = os.environ.get("DYMU_CACHE_DIR") or Path.home() / ".cache" / "dymu"
-    return Path(root) / "benchmarks"
 
 
 def _read_json_data(path: Path) -> list:
@@ -222,13 +217,10 @@ def _load_local(data_dir: Path, use_ocr: bool, hub_id: str | None) -> list[Sampl
 
 def _load_hub(hub_id: str, cache: Path) -> list[Sample]:
     """Questions of ``hub_id``'s ``validation`` split; images cached as files."""
-    try:
-        from datasets import Image as ImageFeature
-        from datasets import load_dataset
-    except ImportError as exc:
-        raise ImportError(f"loading {hub_id} needs the 'datasets' package (pip install datasets), "
-                          f"or pass data_dir= a local copy of TextVQA") from exc
-    rows = load_dataset(hub_id, split=HUB_SPLIT).cast_column("image", ImageFeature(decode=False))
+    local_hint = "a local copy of TextVQA"
+    image_feature = _hub.hub_image_feature(hub_id, local_hint)
+    rows = _hub.load_dataset(hub_id, split=HUB_SPLIT, local_hint=local_hint)
+    rows = rows.cast_column("image", image_feature(decode=False))
     image_dir = cache / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     samples = []

@@ -39,6 +39,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from eval.benchmarks import _hub
 from eval.benchmarks.base import Benchmark, Sample
 
 __all__ = ["VideoMMEBenchmark", "extract_choice", "uniform_indices"]
@@ -326,12 +327,8 @@ def _read_rows(path: Path) -> list[tuple[dict, str]]:
 
 
 def _read_hub(hub_id: str) -> list[tuple[dict, str]]:
-    try:
-        from datasets import load_dataset
-    except ImportError as err:
-        raise ImportError(f"loading {hub_id} needs the `datasets` package (pip install datasets); or pass "
-                          "data_dir= a folder with the Video-MME parquet") from err
-    return [(dict(row), f"{hub_id} row {i}") for i, row in enumerate(load_dataset(hub_id, split="test"))]
+    rows = _hub.load_dataset(hub_id, split="test", local_hint="a folder with the Video-MME parquet")
+    return [(dict(row), f"{hub_id} row {i}") for i, row in enumerate(rows)]
 
 
 def _row_sample(row: dict, root: Path, where: str) -> Sample:
