@@ -48,6 +48,13 @@ class DToMeVisionOutput(BaseModelOutputWithPooling):
     padding_mask: torch.Tensor | None = None
 
     @classmethod
+    def from_encoder(cls, enc: DToMeEncoderOutput, pooler_output) -> "DToMeVisionOutput":
+        """The encoder's output plus the tower's pooled features."""
+        return cls(last_hidden_state=enc.last_hidden_state, pooler_output=pooler_output,
+                   hidden_states=enc.hidden_states, token_sizes=enc.token_sizes, group_ids=enc.group_ids,
+                   padding_mask=enc.padding_mask)
+
+    @classmethod
     def of(cls, last_hidden_state, pooler_output, hidden_states, state: TokenState) -> "DToMeVisionOutput":
         """Build from the final tokens, the pooled output and the merge state."""
         return cls(last_hidden_state=last_hidden_state, pooler_output=pooler_output, hidden_states=hidden_states,
@@ -197,15 +204,7 @@ class DToMeCLIPVisionModelMixin:
         x = self.embeddings(pixel_values, interpolate_pos_encoding)
         x = self.pre_layrnorm(x)
         enc = self.encoder(x, merge_rule=merge_rule, output_hidden_states=output_hidden_states)
-        last = enc.last_hidden_state
-        return DToMeVisionOutput(
-            last_hidden_state=last,
-            pooler_output=self.post_layernorm(last[:, 0, :]),
-            hidden_states=enc.hidden_states,
-            token_sizes=enc.token_sizes,
-            group_ids=enc.group_ids,
-            padding_mask=enc.padding_mask,
-        )
+        return DToMeVisionOutput.from_encoder(enc, self.post_layernorm(enc.last_hidden_state[:, 0, :]))
 
 
 class DToMeSiglipVisionModelMixin:
@@ -239,14 +238,7 @@ class DToMeSiglipVisionModelMixin:
             merged = enc.padding_mask is not None or last.shape[1] != enc.group_ids.shape[1]
             state = TokenState(enc.token_sizes, enc.group_ids, enc.padding_mask, merged=merged)
             pooled = _attention_pool(self.head, self.post_layernorm(last), attention_bias(state, last.dtype))
-        return DToMeVisionOutput(
-            last_hidden_state=last,
-            pooler_output=pooled,
-            hidden_states=enc.hidden_states,
-            token_sizes=enc.token_sizes,
-            group_ids=enc.group_ids,
-            padding_mask=enc.padding_mask,
-        )
+        return DToMeVisionOutput.from_encoder(enc, pooled)
 
 
 def _attention_pool(head: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import abc
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["Benchmark", "Sample"]
+__all__ = ["Benchmark", "Sample", "check_limit", "iter_jsonl"]
 
 
 @dataclass
@@ -21,6 +24,32 @@ class Sample:
     video_path: str | None = None  # video tasks: a video file, or a folder of extracted frames
 
 
+def check_limit(limit: int | None) -> None:
+    """Raise ``ValueError`` unless ``limit`` (samples to keep) is None or >= 0."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be None or >= 0, got {limit}")
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, str, dict]]:
+    """``(line number, "<path>:<line>", object)`` for every non-blank line of a JSONL file.
+
+    Raises:
+        ValueError: a line that is not JSON or not a JSON object (the message names file and line).
+    """
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc.msg}); write one JSON object per line") from exc
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield line_number, where, row
+
+
 class Benchmark(abc.ABC):
     """A set of questions with a prompt format and a scoring rule.
 
@@ -31,9 +60,10 @@ class Benchmark(abc.ABC):
     name: str
     max_new_tokens: int = 16
 
-    @abc.abstractmethod
     def samples(self) -> list[Sample]:
-        """All samples of the benchmark, in a fixed order."""
+        """All samples of the benchmark (after ``limit``), in a fixed order: those the subclass loaded into
+        ``self._samples``."""
+        return list(self._samples)
 
     @abc.abstractmethod
     def prompt(self, sample: Sample) -> str:

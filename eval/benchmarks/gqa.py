@@ -31,7 +31,7 @@ import string
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample
+from eval.benchmarks.base import Benchmark, Sample, check_limit, iter_jsonl
 from eval.metrics import mean
 
 __all__ = ["GQABenchmark", "normalize_gqa_answer", "gqa_match"]
@@ -98,8 +98,7 @@ class GQABenchmark(Benchmark):
         hub_id: str | None = DEFAULT_HUB_ID,
         image_cache_dir: str | None = None,
     ) -> None:
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be None or >= 0, got {limit}")
+        check_limit(limit)
         self.hub_id = hub_id
         if data_dir is not None:
             self.data_dir: Path | None = Path(data_dir).resolve()
@@ -116,9 +115,6 @@ class GQABenchmark(Benchmark):
             self._samples = self._samples[:limit]
         logger.info("loaded %d GQA questions from %s", len(self._samples), source)
 
-    def samples(self) -> list[Sample]:
-        """All loaded questions (after ``limit``), in file order."""
-        return list(self._samples)
 
     def prompt(self, sample: Sample) -> str:
         """The question followed by LLaVA-1.5's single-word-or-phrase instruction."""
@@ -224,35 +220,25 @@ def _read_llava_questions(
     """(question_id, image file, question, location) per line of LLaVA's GQA question file."""
     rows = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg}); write one JSON object per line") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for key in ("image", "text"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise ValueError(f"{where}: {key!r} must be a non-empty string, got {row.get(key)!r}")
-            if "question_id" not in row:
-                raise ValueError(f"{where}: missing 'question_id'; every line needs question_id, image, text")
-            qid = str(row["question_id"])
-            if qid in seen:
-                raise ValueError(f"{where}: duplicate question_id {qid!r} (first on line {seen[qid]})")
-            seen[qid] = line_number
-            if qid not in entries:
-                raise ValueError(
-                    f"{where}: question_id {qid!r} is not in {questions_path}, which gives the answers; "
-                    f"use the {QUESTIONS_FILE} of the same release"
-                )
-            text = row["text"]
-            if text.endswith(SHORT_ANSWER_PROMPT):  # LLaVA's file already carries the instruction
-                text = text[: -len(SHORT_ANSWER_PROMPT)]
-            rows.append((qid, row["image"], text, where))
+    for line_number, where, row in iter_jsonl(path):
+        for key in ("image", "text"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise ValueError(f"{where}: {key!r} must be a non-empty string, got {row.get(key)!r}")
+        if "question_id" not in row:
+            raise ValueError(f"{where}: missing 'question_id'; every line needs question_id, image, text")
+        qid = str(row["question_id"])
+        if qid in seen:
+            raise ValueError(f"{where}: duplicate question_id {qid!r} (first on line {seen[qid]})")
+        seen[qid] = line_number
+        if qid not in entries:
+            raise ValueError(
+                f"{where}: question_id {qid!r} is not in {questions_path}, which gives the answers; "
+                f"use the {QUESTIONS_FILE} of the same release"
+            )
+        text = row["text"]
+        if text.endswith(SHORT_ANSWER_PROMPT):  # LLaVA's file already carries the instruction
+            text = text[: -len(SHORT_ANSWER_PROMPT)]
+        rows.append((qid, row["image"], text, where))
     return rows
 
 

@@ -24,7 +24,6 @@ a None prediction is judged as an empty answer. Without an API key the metrics a
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import defaultdict
@@ -32,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample
+from eval.benchmarks.base import Benchmark, Sample, check_limit, iter_jsonl
 from eval.benchmarks.judge import JudgeClient, JudgeError, make_judge
 
 __all__ = ["CATEGORIES", "LLaVABenchWildBenchmark", "llava_wild_judge_messages", "parse_review_scores",
@@ -129,8 +128,7 @@ class LLaVABenchWildBenchmark(Benchmark):
         judge: JudgeClient | Mapping | None = None,
         hub_id: str | None = DEFAULT_HUB_ID,
     ) -> None:
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be None or >= 0, got {limit}")
+        check_limit(limit)
         self.judge = make_judge(judge)
         self._hub = None
         if data_dir is not None:
@@ -144,9 +142,6 @@ class LLaVABenchWildBenchmark(Benchmark):
             self._samples = self._samples[:limit]
         logger.info("LLaVA-Bench (In-the-Wild): %d questions", len(self._samples))
 
-    def samples(self) -> list[Sample]:
-        """The loaded questions (after ``limit``), in file order."""
-        return list(self._samples)
 
     def prompt(self, sample: Sample) -> str:
         """The question as is."""
@@ -235,18 +230,10 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
             "context.jsonl, images/) and pass data_dir= that folder"
         )
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err}); write one JSON object per line") from err
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+    for _, where, row in iter_jsonl(path):
         missing = [key for key in required if key not in row]
         if missing:
-            raise ValueError(f"{path}:{number}: missing key(s) {missing}; every line needs {list(required)}")
+            raise ValueError(f"{where}: missing key(s) {missing}; every line needs {list(required)}")
         rows.append(row)
     if not rows:
         raise ValueError(f"{path} holds no lines")

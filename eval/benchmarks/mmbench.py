@@ -41,7 +41,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample
+from eval.benchmarks.base import Benchmark, Sample, check_limit
 from eval.benchmarks.choices import (
     MULTIPLE_CHOICE_PROMPT,
     accuracy_by,
@@ -144,8 +144,7 @@ class MMBenchBenchmark(Benchmark):
         hub_config: str | None = "en",
         hub_split: str = "dev",
     ) -> None:
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be None or >= 0, got {limit}")
+        check_limit(limit)
         self.circular = circular
         if data_dir is not None:
             path = Path(data_dir) / TSV_FILE
@@ -194,9 +193,6 @@ class MMBenchBenchmark(Benchmark):
             )
         return samples
 
-    def samples(self) -> list[Sample]:
-        """All samples, question by question in file order, rotations 0..n-1 of each together."""
-        return list(self._samples)
 
     def prompt(self, sample: Sample) -> str:
         """Hint (if any) + newline + question + newline + options + LLaVA-1.5's multiple-choice instruction."""

@@ -30,7 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample
+from eval.benchmarks.base import Benchmark, Sample, check_limit
 
 __all__ = ["COGNITION", "PERCEPTION", "MMEBenchmark", "mme_yes_no"]
 
@@ -92,8 +92,7 @@ class MMEBenchmark(Benchmark):
         subtasks: list[str] | None = None,
         hub_id: str | None = DEFAULT_HUB_ID,
     ) -> None:
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be None or >= 0, got {limit}")
+        check_limit(limit)
         unknown = sorted(set(subtasks or ()) - set(SUBTASKS))
         if unknown:
             raise ValueError(f"unknown MME subtask(s) {unknown}; choose from {list(SUBTASKS)}")
@@ -111,9 +110,6 @@ class MMEBenchmark(Benchmark):
         present = sorted({s.meta["subtask"] for s in self._samples}, key=SUBTASKS.index)
         logger.info("MME: %d questions in %d subtasks (%s)", len(self._samples), len(present), ", ".join(present))
 
-    def samples(self) -> list[Sample]:
-        """The loaded questions (after ``limit``), subtask by subtask, image by image."""
-        return list(self._samples)
 
     def prompt(self, sample: Sample) -> str:
         """The question as given, then LLaVA-1.5's "single word or phrase" instruction."""

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample
+from eval.benchmarks.base import Benchmark, Sample, check_limit
 from eval.benchmarks.judge import JudgeClient, JudgeError, make_judge
 
 __all__ = ["CAPABILITIES", "MMVetBenchmark", "mmvet_judge_prompt", "parse_mmvet_score"]
@@ -120,8 +120,7 @@ class MMVetBenchmark(Benchmark):
         judge: JudgeClient | Mapping | None = None,
         hub_id: str | None = DEFAULT_HUB_ID,
     ) -> None:
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be None or >= 0, got {limit}")
+        check_limit(limit)
         self.judge = make_judge(judge)
         self._hub = None
         if data_dir is not None:
@@ -135,9 +134,6 @@ class MMVetBenchmark(Benchmark):
             self._samples = self._samples[:limit]
         logger.info("MM-Vet: %d questions", len(self._samples))
 
-    def samples(self) -> list[Sample]:
-        """The loaded questions (after ``limit``), in file order."""
-        return list(self._samples)
 
     def prompt(self, sample: Sample) -> str:
         """The question as is."""

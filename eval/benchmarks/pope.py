@@ -31,14 +31,13 @@ yes-ratio (share of "yes" predictions); their mean over the evaluated splits und
 
 from __future__ import annotations
 
-import json
 import logging
 import string
 from collections.abc import Sequence
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample
+from eval.benchmarks.base import Benchmark, Sample, check_limit, iter_jsonl
 
 __all__ = ["POPEBenchmark", "SPLITS", "pope_answer", "pope_metrics"]
 
@@ -133,8 +132,7 @@ class POPEBenchmark(Benchmark):
         hub_id: str | None = DEFAULT_HUB_ID,
         image_cache_dir: str | None = None,
     ) -> None:
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be None or >= 0, got {limit}")
+        check_limit(limit)
         self.splits = tuple(str(split) for split in splits)
         unknown = [split for split in self.splits if split not in SPLITS]
         if unknown or not self.splits or len(set(self.splits)) != len(self.splits):
@@ -154,9 +152,6 @@ class POPEBenchmark(Benchmark):
         self._samples = [s for split in self.splits for s in by_split[split][:limit]]
         logger.info("loaded %d POPE questions (%s) from %s", len(self._samples), ", ".join(self.splits), source)
 
-    def samples(self) -> list[Sample]:
-        """All loaded questions (after ``limit``), split by split in ``splits`` order."""
-        return list(self._samples)
 
     def prompt(self, sample: Sample) -> str:
         """The question followed by LLaVA-1.5's single-word-or-phrase instruction."""
@@ -232,45 +227,35 @@ def _read_split(path: Path, split: str, images_dir: Path) -> list[Sample]:
     """Parse and validate one POPE JSONL file; blank lines are skipped."""
     samples: list[Sample] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg}); write one JSON object per line") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            missing = [key for key in ("question_id", "image", "text", "label") if key not in row]
-            if missing:
-                raise ValueError(f"{where}: missing key(s) {missing}; every line needs question_id, image, text, label")
-            for key in ("image", "text"):
-                if not isinstance(row[key], str) or not row[key].strip():
-                    raise ValueError(f"{where}: {key!r} must be a non-empty string, got {row[key]!r}")
-            label = row["label"]
-            if label not in ("yes", "no"):
-                raise ValueError(f"{where}: 'label' must be 'yes' or 'no', got {label!r}")
-            qid = str(row["question_id"])
-            if qid in seen:
-                raise ValueError(f"{where}: duplicate question_id {qid!r} (first on line {seen[qid]})")
-            seen[qid] = line_number
-            image_path = images_dir / row["image"]
-            if not image_path.is_file():
-                raise FileNotFoundError(
-                    f"{where}: image {image_path} does not exist; put COCO's val2014 images in {images_dir}"
-                )
-            samples.append(
-                Sample(
-                    id=f"{split}/{qid}",
-                    image_paths=[str(image_path)],
-                    question=row["text"],
-                    answers=[label],
-                    answer_type="yes_no",
-                    meta={"split": split, "question_id": row["question_id"], "image": row["image"]},
-                )
+    for line_number, where, row in iter_jsonl(path):
+        missing = [key for key in ("question_id", "image", "text", "label") if key not in row]
+        if missing:
+            raise ValueError(f"{where}: missing key(s) {missing}; every line needs question_id, image, text, label")
+        for key in ("image", "text"):
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise ValueError(f"{where}: {key!r} must be a non-empty string, got {row[key]!r}")
+        label = row["label"]
+        if label not in ("yes", "no"):
+            raise ValueError(f"{where}: 'label' must be 'yes' or 'no', got {label!r}")
+        qid = str(row["question_id"])
+        if qid in seen:
+            raise ValueError(f"{where}: duplicate question_id {qid!r} (first on line {seen[qid]})")
+        seen[qid] = line_number
+        image_path = images_dir / row["image"]
+        if not image_path.is_file():
+            raise FileNotFoundError(
+                f"{where}: image {image_path} does not exist; put COCO's val2014 images in {images_dir}"
             )
+        samples.append(
+            Sample(
+                id=f"{split}/{qid}",
+                image_paths=[str(image_path)],
+                question=row["text"],
+                answers=[label],
+                answer_type="yes_no",
+                meta={"split": split, "question_id": row["question_id"], "image": row["image"]},
+            )
+        )
     if not samples:
         raise ValueError(f"{path} holds no questions; it should have one JSON object per line")
     return samples

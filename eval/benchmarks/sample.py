@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from eval.benchmarks.base import Benchmark, Sample
+from eval.benchmarks.base import Benchmark, Sample, check_limit
 from eval.metrics import exact_match, mean, normalize_answer, yes_no_match
 
 __all__ = ["SampleBenchmark"]
@@ -44,8 +44,7 @@ class SampleBenchmark(Benchmark):
     name = "sample"
 
     def __init__(self, data_dir: str | None = None, limit: int | None = None) -> None:
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be None or >= 0, got {limit}")
+        check_limit(limit)
         self.data_dir = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
         path = self.data_dir / QUESTIONS_FILE
         if not path.is_file():
@@ -58,9 +57,6 @@ class SampleBenchmark(Benchmark):
             self._samples = self._samples[:limit]
         logger.info("loaded %d samples from %s", len(self._samples), path)
 
-    def samples(self) -> list[Sample]:
-        """All loaded samples (after ``limit``), in file order."""
-        return list(self._samples)
 
     def prompt(self, sample: Sample) -> str:
         """The question followed by LLaVA-1.5's single-word-or-phrase instruction."""

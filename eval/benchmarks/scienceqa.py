@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample
+from eval.benchmarks.base import Benchmark, Sample, check_limit
 from eval.benchmarks.choices import (
     MULTIPLE_CHOICE_PROMPT,
     accuracy_by,
@@ -92,8 +92,7 @@ class ScienceQABenchmark(Benchmark):
         hub_config: str | None = "ScienceQA-IMG",
         hub_split: str = "test",
     ) -> None:
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be None or >= 0, got {limit}")
+        check_limit(limit)
         if data_dir is not None:
             self._samples = _read_local(Path(data_dir), limit, hub_id)
             source = str(Path(data_dir) / PROBLEMS_FILE)
@@ -106,9 +105,6 @@ class ScienceQABenchmark(Benchmark):
         self._by_id = {s.id: s for s in self._samples}
         logger.info("ScienceQA-IMG: %d questions from %s", len(self._samples), source)
 
-    def samples(self) -> list[Sample]:
-        """The test questions with an image, in ``pid_splits.json`` (else file) order."""
-        return list(self._samples)
 
     def prompt(self, sample: Sample) -> str:
         """``Context: <hint>`` line (if any) + question + options + LLaVA-1.5's multiple-choice instruction."""

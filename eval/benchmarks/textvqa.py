@@ -30,7 +30,7 @@ import logging
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample
+from eval.benchmarks.base import Benchmark, Sample, check_limit
 from eval.benchmarks.vqa_accuracy import vqa_accuracy
 from eval.metrics import mean
 
@@ -78,8 +78,7 @@ class TextVQABenchmark(Benchmark):
         hub_id: str | None = DEFAULT_HUB_ID,
         image_cache_dir: str | None = None,
     ) -> None:
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be None or >= 0, got {limit}")
+        check_limit(limit)
         self.use_ocr = bool(use_ocr)
         self.hub_id = hub_id
         if data_dir is not None:
@@ -97,9 +96,6 @@ class TextVQABenchmark(Benchmark):
             self._samples = self._samples[:limit]
         logger.info("loaded %d TextVQA questions from %s (OCR in prompt: %s)", len(self._samples), source, self.use_ocr)
 
-    def samples(self) -> list[Sample]:
-        """All loaded questions (after ``limit``), in file order."""
-        return list(self._samples)
 
     def prompt(self, sample: Sample) -> str:
         """Question (first letter upper-cased), OCR line if ``use_ocr`` and any tokens, instruction."""

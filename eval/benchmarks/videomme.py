@@ -40,7 +40,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample
+from eval.benchmarks.base import Benchmark, Sample, check_limit
 
 __all__ = ["VideoMMEBenchmark", "extract_choice", "uniform_indices"]
 
@@ -126,8 +126,7 @@ class VideoMMEBenchmark(Benchmark):
         questions_file: str | None = None,
         hub_id: str | None = DEFAULT_HUB_ID,
     ) -> None:
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be None or >= 0, got {limit}")
+        check_limit(limit)
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         self.num_frames = num_frames
@@ -160,9 +159,6 @@ class VideoMMEBenchmark(Benchmark):
         self._check_videos()
         logger.info("Video-MME: %d questions, %d frames per video", len(self._samples), num_frames)
 
-    def samples(self) -> list[Sample]:
-        """The loaded questions (after ``limit``), in file order."""
-        return list(self._samples)
 
     def prompt(self, sample: Sample) -> str:
         """Question, options one per line, then the answer-with-the-letter instruction."""
