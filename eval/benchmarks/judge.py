@@ -28,10 +28,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["DEFAULT_BASE_URL", "DEFAULT_MODEL", "JudgeClient", "JudgeError", "make_judge"]
+from eval.benchmarks.base import Benchmark, Sample, check_limit
+
+__all__ = ["DEFAULT_BASE_URL", "DEFAULT_MODEL", "JudgeClient", "JudgeError", "JudgedBenchmark", "make_judge"]
 
 logger = logging.getLogger(__name__)
 
@@ -229,3 +231,52 @@ def make_judge(judge: JudgeClient | Mapping | None) -> JudgeClient:
     if isinstance(judge, Mapping) or hasattr(judge, "items"):
         return JudgeClient(**{str(k): v for k, v in judge.items() if k != "_target_"})
     raise TypeError(f"judge must be a JudgeClient, a mapping of its arguments or None, got {type(judge).__name__}")
+
+
+class JudgedBenchmark(Benchmark):
+    """Shared shape of the open-answer tasks scored by an LLM judge (MM-Vet, LLaVA-Bench-in-the-Wild).
+
+    Questions come from a local folder (``_read_local(path)``, set by the subclass) or, when ``data_dir`` is
+    None, from the Hugging Face dataset ``hub_id`` (``_load_hub``, which keeps the rows in ``self._hub``, their
+    images decoded in memory). The prompt is the question as is. Subclasses set ``name``, ``title``,
+    ``data_hint`` (what ``data_dir`` must hold) and ``max_new_tokens``, and implement ``score``.
+
+    Args:
+        data_dir: the benchmark folder; None: load ``hub_id``.
+        limit: keep only the first ``limit`` questions (file order).
+        judge: a :class:`JudgeClient`, or a mapping of its arguments (the Hydra ``judge`` node); None: defaults.
+        hub_id: Hugging Face dataset id used when ``data_dir`` is None.
+    """
+
+    title: str
+    data_hint: str
+    _read_local: Callable[[Path], list[Sample]]
+
+    def __init__(self, data_dir: str | None = None, limit: int | None = None,
+                 judge: JudgeClient | Mapping | None = None, hub_id: str | None = None) -> None:
+        check_limit(limit)
+        self.judge = make_judge(judge)
+        self._hub = None
+        if data_dir is not None:
+            self._samples = self._read_local(Path(data_dir))
+        elif hub_id:
+            self._samples = self._load_hub(hub_id)
+        else:
+            raise ValueError(f"{type(self).__name__} needs data_dir ({self.data_hint}) or hub_id")
+        self._by_id = {s.id: s for s in self._samples}
+        if limit is not None:
+            self._samples = self._samples[:limit]
+        logger.info("%s: %d questions", self.title, len(self._samples))
+
+    def _load_hub(self, hub_id: str) -> list[Sample]:
+        raise NotImplementedError
+
+    def prompt(self, sample: Sample) -> str:
+        """The question as is."""
+        return sample.question
+
+    def visual_inputs(self, sample: Sample) -> list:
+        """The image path (local data) or the decoded PIL image (Hugging Face data)."""
+        if sample.image_paths:
+            return list(sample.image_paths)
+        return [self._hub[sample.meta["hub_row"]]["image"]]

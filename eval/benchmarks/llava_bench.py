@@ -31,8 +31,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample, check_limit, iter_jsonl
-from eval.benchmarks.judge import JudgeClient, JudgeError, make_judge
+from eval.benchmarks.base import Sample, iter_jsonl
+from eval.benchmarks.judge import JudgeClient, JudgedBenchmark, JudgeError
 
 __all__ = ["CATEGORIES", "LLaVABenchWildBenchmark", "llava_wild_judge_messages", "parse_review_scores",
            "relative_score"]
@@ -101,7 +101,7 @@ def relative_score(pairs: list[tuple[float, float]]) -> float:
     return 100.0 * sum(pred for _, pred in pairs) / reference
 
 
-class LLaVABenchWildBenchmark(Benchmark):
+class LLaVABenchWildBenchmark(JudgedBenchmark):
     """LLaVA-Bench (In-the-Wild): open questions, scored relative to GPT-4's answers by an LLM judge.
 
     Args:
@@ -121,37 +121,16 @@ class LLaVABenchWildBenchmark(Benchmark):
     name = "llava_bench"
     max_new_tokens = 1024
 
-    def __init__(
-        self,
-        data_dir: str | None = None,
-        limit: int | None = None,
-        judge: JudgeClient | Mapping | None = None,
-        hub_id: str | None = DEFAULT_HUB_ID,
-    ) -> None:
-        check_limit(limit)
-        self.judge = make_judge(judge)
-        self._hub = None
-        if data_dir is not None:
-            self._samples = _load_local(Path(data_dir))
-        elif hub_id:
-            self._samples = self._load_hub(hub_id)
-        else:
-            raise ValueError("LLaVABenchWildBenchmark needs data_dir (the llava-bench-in-the-wild folder) or hub_id")
-        self._by_id = {s.id: s for s in self._samples}
-        if limit is not None:
-            self._samples = self._samples[:limit]
-        logger.info("LLaVA-Bench (In-the-Wild): %d questions", len(self._samples))
+    title = "LLaVA-Bench (In-the-Wild)"
+    data_hint = "the llava-bench-in-the-wild folder"
 
+    def __init__(self, data_dir: str | None = None, limit: int | None = None,
+                 judge: JudgeClient | Mapping | None = None, hub_id: str | None = DEFAULT_HUB_ID) -> None:
+        super().__init__(data_dir, limit, judge, hub_id)
 
-    def prompt(self, sample: Sample) -> str:
-        """The question as is."""
-        return sample.question
-
-    def visual_inputs(self, sample: Sample) -> list:
-        """The image path (local data) or the decoded PIL image (Hugging Face data)."""
-        if sample.image_paths:
-            return list(sample.image_paths)
-        return [self._hub[sample.meta["hub_row"]]["image"]]
+    @staticmethod
+    def _read_local(data_dir: Path) -> list[Sample]:
+        return _load_local(data_dir)
 
     def reviews(self, records: list[dict]) -> dict[str, tuple[float, float] | None] | None:
         """``(reference, prediction)`` judge scores per record id (None for an unparseable review), or None

@@ -28,8 +28,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample, check_limit
-from eval.benchmarks.judge import JudgeClient, JudgeError, make_judge
+from eval.benchmarks.base import Sample
+from eval.benchmarks.judge import JudgeClient, JudgedBenchmark, JudgeError
 
 __all__ = ["CAPABILITIES", "MMVetBenchmark", "mmvet_judge_prompt", "parse_mmvet_score"]
 
@@ -94,7 +94,7 @@ def parse_mmvet_score(reply: str | None) -> float | None:
     return value if 0.0 <= value <= 1.0 else None
 
 
-class MMVetBenchmark(Benchmark):
+class MMVetBenchmark(JudgedBenchmark):
     """MM-Vet: open-ended questions scored in [0, 1] by an LLM judge, reported as 100 x mean overall and per
     capability.
 
@@ -113,37 +113,16 @@ class MMVetBenchmark(Benchmark):
     name = "mmvet"
     max_new_tokens = 512
 
-    def __init__(
-        self,
-        data_dir: str | None = None,
-        limit: int | None = None,
-        judge: JudgeClient | Mapping | None = None,
-        hub_id: str | None = DEFAULT_HUB_ID,
-    ) -> None:
-        check_limit(limit)
-        self.judge = make_judge(judge)
-        self._hub = None
-        if data_dir is not None:
-            self._samples = _load_local(Path(data_dir))
-        elif hub_id:
-            self._samples = self._load_hub(hub_id)
-        else:
-            raise ValueError("MMVetBenchmark needs data_dir (a folder with mm-vet.json and images/) or hub_id")
-        self._by_id = {s.id: s for s in self._samples}
-        if limit is not None:
-            self._samples = self._samples[:limit]
-        logger.info("MM-Vet: %d questions", len(self._samples))
+    title = "MM-Vet"
+    data_hint = "a folder with mm-vet.json and images/"
 
+    def __init__(self, data_dir: str | None = None, limit: int | None = None,
+                 judge: JudgeClient | Mapping | None = None, hub_id: str | None = DEFAULT_HUB_ID) -> None:
+        super().__init__(data_dir, limit, judge, hub_id)
 
-    def prompt(self, sample: Sample) -> str:
-        """The question as is."""
-        return sample.question
-
-    def visual_inputs(self, sample: Sample) -> list:
-        """The image path (local data) or the decoded PIL image (Hugging Face data)."""
-        if sample.image_paths:
-            return list(sample.image_paths)
-        return [self._hub[sample.meta["hub_row"]]["image"]]
+    @staticmethod
+    def _read_local(data_dir: Path) -> list[Sample]:
+        return _load_local(data_dir)
 
     def judge_scores(self, records: list[dict]) -> dict[str, float] | None:
         """Judge score in [0, 1] per record id, or None when any record could not be judged (no key, or the
