@@ -35,6 +35,11 @@ class VTUInputs:
             ``cumsum(attention_mask) - 1`` (0 on padding), i.e. what the unmodified model uses.
         mode: ``"expand"`` (gather Q/K/V to ``L`` rows and call the host's attention kernel) or
             ``"exact"`` (the RoPE decomposition reference, slow; for tests).
+        cache: KV cache layout for generation. ``"merged"`` (default): ``L_m`` merged rows per layer, keys
+            before RoPE, rotated at the virtual positions when read, values aggregated per group
+            (:mod:`dymu.kv_cache`); ``"expanded"``: the ``L`` expanded, rotated rows, so decode steps run the
+            host's attention unchanged (as large as the unmodified model's cache). Decoders with
+            sliding-window layers always use ``"expanded"``.
     """
 
     group_index: torch.Tensor
@@ -42,6 +47,7 @@ class VTUInputs:
     merged_length: int
     position_ids: torch.Tensor | None = None
     mode: Literal["expand", "exact"] = "expand"
+    cache: Literal["merged", "expanded"] = "merged"
     counts: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -52,6 +58,8 @@ class VTUInputs:
             )
         if self.mode not in ("expand", "exact"):
             raise ValueError(f"VTUInputs.mode must be 'expand' or 'exact', got {self.mode!r}.")
+        if self.cache not in ("merged", "expanded"):
+            raise ValueError(f"VTUInputs.cache must be 'merged' or 'expanded', got {self.cache!r}.")
         self.group_index = self.group_index.long()
         self.check()
         if self.position_ids is None:
@@ -59,6 +67,18 @@ class VTUInputs:
         weights = self.attention_mask.to(torch.float32)
         counts = weights.new_zeros(self.group_index.shape[0], self.merged_length)
         self.counts = counts.scatter_add_(1, self.group_index, weights)  # (B, L_m) real members per group
+
+    def repeat_interleave(self, repeats: int) -> VTUInputs:
+        """Each sample ``repeats`` times in a row (what ``generate`` does to inputs for beam search and
+        ``num_return_sequences``)."""
+        return VTUInputs(
+            group_index=self.group_index.repeat_interleave(repeats, dim=0),
+            attention_mask=self.attention_mask.repeat_interleave(repeats, dim=0),
+            merged_length=self.merged_length,
+            position_ids=self.position_ids.repeat_interleave(repeats, dim=0),
+            mode=self.mode,
+            cache=self.cache,
+        )
 
     @property
     def virtual_length(self) -> int:

@@ -7,7 +7,7 @@ create an embedded tiny model and its thresholds on first use, else null), ``dty
 ``image_aspect_ratio`` (LLaVA-1.5), ``layout`` and ``video_pooling`` (LLaVA-OneVision), ``thresholds`` (variant -> file or
 packaged name).
 ``dymu`` keys: ``name``, ``mode`` (``off`` | ``threshold`` | ``tome``), ``variant`` (threshold mode),
-``target_tokens`` (tome mode), ``vtu`` (bool).
+``target_tokens`` (tome mode), ``vtu`` (bool), ``vtu_cache`` (``merged`` | ``expanded``).
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def load_from_config(model_cfg: Mapping, dymu_cfg: Mapping, device: str = "cpu")
         raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {model_cfg.get('dtype')!r}.")
     kwargs = dict(
         vtu=bool(dymu_cfg.get("vtu", mode != "off")),
+        vtu_cache=str(dymu_cfg.get("vtu_cache", "merged")),
         dtype=dtype,
         device=device,
         attn_implementation=model_cfg.get("attn_implementation"),

@@ -154,11 +154,20 @@ class DyMULlava:
         vtu: run the LLM with virtual token unmerging (else merged tokens at consecutive positions).
         image_aspect_ratio: ``"pad"`` (LLaVA-1.5 evaluation: pad to square with the mean colour) or
             ``"crop"`` (the image processor's resize + centre crop).
+        vtu_cache: KV cache layout of VTU generation, ``"merged"`` (scales with the merged length) or
+            ``"expanded"`` (full length); see :class:`~dymu.vtu.VTUInputs`.
+
+    Raises:
+        ValueError: unknown ``image_aspect_ratio`` or ``vtu_cache``.
     """
 
-    def __init__(self, model: LlavaForConditionalGeneration, processor, vtu: bool = True, image_aspect_ratio: str = "pad"):
+    def __init__(self, model: LlavaForConditionalGeneration, processor, vtu: bool = True, image_aspect_ratio: str = "pad",
+                 vtu_cache: str = "merged"):
         if image_aspect_ratio not in ("pad", "crop"):
             raise ValueError(f"image_aspect_ratio must be 'pad' or 'crop', got {image_aspect_ratio!r}.")
+        if vtu_cache not in ("merged", "expanded"):
+            raise ValueError(f"vtu_cache must be 'merged' or 'expanded', got {vtu_cache!r}.")
+        self.vtu_cache = vtu_cache
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -312,7 +321,7 @@ class DyMULlava:
         if not self.vtu:
             positions = (mask.cumsum(-1) - 1).clamp_min(0)
             return LlavaInputs(embeds, mask, positions, None, visual_tokens)
-        vtu = VTUInputs(group_index=group_index, attention_mask=virtual_mask, merged_length=lm)
+        vtu = VTUInputs(group_index=group_index, attention_mask=virtual_mask, merged_length=lm, cache=self.vtu_cache)
         big = torch.iinfo(torch.long).max
         first = torch.full((bsz, lm), big, dtype=torch.long, device=self.device)
         first.scatter_reduce_(1, group_index, vtu.position_ids.masked_fill(virtual_mask == 0, big), reduce="amin")
@@ -378,6 +387,7 @@ def load_model(
     tome_r: Sequence[int] | None = None,
     tome_target: int | None = None,
     vtu: bool = True,
+    vtu_cache: str = "merged",
     dtype: torch.dtype | str = "auto",
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
@@ -398,6 +408,8 @@ def load_model(
             209 / 393 for LLaVA-1.5: r = 21 / 16 / 8 over 23 layers).
         vtu: use virtual token unmerging in the LLM (DyMU); ``False`` feeds merged tokens at consecutive
             positions (the ablation "DToMe without VTU").
+        vtu_cache: ``"merged"`` (default; KV cache of ``L_m`` rows) or ``"expanded"`` (``L`` rows), see
+            :class:`~dymu.vtu.VTUInputs`.
         dtype: weights dtype (``"auto"``: as saved).
         device: where to put the model.
         attn_implementation: ``"eager"`` / ``"sdpa"`` / ... (default: transformers' choice).
@@ -449,5 +461,6 @@ def load_model(
     if onevision:
         from .onevision import DyMULlavaOnevision
 
-        return DyMULlavaOnevision(model, processor, vtu=vtu, layout=layout, video_pooling=video_pooling)
-    return DyMULlava(model, processor, vtu=vtu, image_aspect_ratio=image_aspect_ratio)
+        return DyMULlavaOnevision(model, processor, vtu=vtu, layout=layout, video_pooling=video_pooling,
+                                  vtu_cache=vtu_cache)
+    return DyMULlava(model, processor, vtu=vtu, image_aspect_ratio=image_aspect_ratio, vtu_cache=vtu_cache)

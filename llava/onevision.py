@@ -156,14 +156,16 @@ class DyMULlavaOnevision(DyMULlava):
             positions per frame, then one newline), pooled positions assigned to groups by the same rule as
             ``anyres_max_9`` downsampling; merging nothing then reproduces the unmodified model exactly.
             Frames are preprocessed as the image processor's base view (resized to 384x384, normalised).
+        vtu_cache: ``"merged"`` or ``"expanded"`` KV cache, as for :class:`~llava.model.DyMULlava`.
     """
 
-    def __init__(self, model, processor, vtu: bool = True, layout: str = "faithful", video_pooling: str = "merge"):
+    def __init__(self, model, processor, vtu: bool = True, layout: str = "faithful", video_pooling: str = "merge",
+                 vtu_cache: str = "merged"):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
         if video_pooling not in VIDEO_POOLING:
             raise ValueError(f"video_pooling must be one of {VIDEO_POOLING}, got {video_pooling!r}.")
-        super().__init__(model, processor, vtu=vtu, image_aspect_ratio="crop")
+        super().__init__(model, processor, vtu=vtu, image_aspect_ratio="crop", vtu_cache=vtu_cache)
         self.layout = layout
         self.video_pooling = video_pooling
         self.host = model.model

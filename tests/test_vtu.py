@@ -216,8 +216,8 @@ def test_duplicated_tokens_first_layer_is_exact(attn):
 # --------------------------------------------------------------------------- generate
 
 
-def _greedy(model, **kwargs):
-    return model.generate(**kwargs, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None,
+def _greedy(model, max_new_tokens: int = 8, **kwargs):
+    return model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None,
                           output_logits=True, return_dict_in_generate=True)
 
 
@@ -250,6 +250,87 @@ def test_generate_one_layer_duplicates_equals_full_sequence(attn):
     assert torch.equal(out.sequences, ref.sequences)
     for step_out, step_ref in zip(out.logits, ref.logits, strict=True):  # and every decode step
         torch.testing.assert_close(step_out, step_ref, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- merged KV cache
+
+
+def test_merged_cache_generates_like_expanded_cache_for_20_steps(attn):
+    """Issue 5 item 3: merged K (before RoPE) / V (aggregated per group) == the expanded cache, 20 greedy steps."""
+    model = dymu.apply_vtu(_model(attn, layers=2, seed=11))
+    lay = _layout(MERGED, seed=11)
+    kwargs = dict(inputs_embeds=lay.embeds, attention_mask=lay.mask, position_ids=lay.positions, max_new_tokens=20)
+    with torch.no_grad():
+        expanded = _greedy(model, **kwargs, vtu=lay.vtu(cache="expanded"))
+        merged = _greedy(model, **kwargs, vtu=lay.vtu(cache="merged"))
+    from dymu.kv_cache import MergedKVLayer
+
+    assert lay.vtu().counts.max() > 1
+    assert isinstance(merged.past_key_values.layers[0], MergedKVLayer)
+    assert not isinstance(expanded.past_key_values.layers[0], MergedKVLayer)
+    assert torch.equal(merged.sequences, expanded.sequences)
+    assert len(merged.logits) == 20
+    for step_merged, step_expanded in zip(merged.logits, expanded.logits, strict=True):
+        torch.testing.assert_close(step_merged, step_expanded, rtol=0, atol=1e-4)
+
+
+def test_merged_cache_holds_merged_rows_only(attn):
+    """After prefill each layer keeps L_m rows, the expanded cache L: bytes scale with the merged length."""
+    from transformers import DynamicCache
+
+    from dymu.kv_cache import MergedKVLayer, kv_cache_bytes
+
+    model = dymu.apply_vtu(_model(attn, seed=12))
+    lay = _layout(MERGED, seed=12)
+    sizes = {}
+    with torch.no_grad():
+        for cache in ("merged", "expanded"):
+            past = DynamicCache(config=model.config)
+            model(inputs_embeds=lay.embeds, attention_mask=lay.mask, position_ids=lay.positions,
+                  past_key_values=past, use_cache=True, vtu=lay.vtu(cache=cache))
+            sizes[cache] = past
+    merged, expanded = sizes["merged"], sizes["expanded"]
+    assert all(isinstance(layer, MergedKVLayer) for layer in merged.layers)
+    assert not any(isinstance(layer, MergedKVLayer) for layer in expanded.layers)
+    assert merged.layers[0].keys.shape[2] == lay.merged_length < expanded.layers[0].keys.shape[2] == lay.group_index.shape[1]
+    kv_merged = sum(layer.keys.nbytes + layer.values.nbytes for layer in merged.layers)
+    kv_expanded = sum(layer.keys.nbytes + layer.values.nbytes for layer in expanded.layers)
+    assert kv_merged * lay.group_index.shape[1] == kv_expanded * lay.merged_length
+    layout = sum(t.nbytes for t in merged.layers[0].prompt.tensors())  # shared once by all layers
+    assert kv_cache_bytes(merged) == kv_merged + layout
+    assert kv_cache_bytes(expanded) == kv_expanded
+
+
+def test_merged_cache_multi_token_continuation_equals_expanded(attn):
+    """A second forward of 3 tokens at once over the cache (causal among them) matches the expanded cache."""
+    from transformers import DynamicCache
+
+    model = dymu.apply_vtu(_model(attn, seed=13))
+    lay = _layout(MERGED, seed=13)
+    new = torch.randint(0, 128, (2, 3), generator=torch.Generator().manual_seed(13))
+    next_pos = lay.virtual_mask.sum(-1, keepdim=True) + torch.arange(3)
+    logits = {}
+    with torch.no_grad():
+        for cache in ("merged", "expanded"):
+            past, vtu = DynamicCache(config=model.config), lay.vtu(cache=cache)
+            model(inputs_embeds=lay.embeds, attention_mask=lay.mask, position_ids=lay.positions,
+                  past_key_values=past, use_cache=True, vtu=vtu)
+            mask = torch.cat([lay.mask, torch.ones(2, 3, dtype=torch.long)], dim=1)
+            logits[cache] = model(input_ids=new, attention_mask=mask, position_ids=next_pos, past_key_values=past,
+                                  use_cache=True, vtu=vtu).logits
+    torch.testing.assert_close(logits["merged"], logits["expanded"], rtol=0, atol=1e-4)
+
+
+def test_merged_cache_beam_search_equals_expanded(attn):
+    """Beam search reorders and repeats cache rows; the merged cache's layout follows them."""
+    model = dymu.apply_vtu(_model(attn, seed=14))
+    lay = _layout(MERGED, seed=14)
+    kwargs = dict(inputs_embeds=lay.embeds, attention_mask=lay.mask, position_ids=lay.positions, max_new_tokens=6,
+                  num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        expanded = model.generate(**kwargs, vtu=lay.vtu(cache="expanded"))
+        merged = model.generate(**kwargs, vtu=lay.vtu(cache="merged"))
+    assert torch.equal(merged, expanded)
 
 
 # --------------------------------------------------------------------------- bad inputs

@@ -19,6 +19,7 @@ RoPE is applied inside the host's attention forward before its kernel call, so V
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -27,9 +28,13 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..kv_cache import MergedKVLayer, VirtualPrompt, merged_decode_attention
 from ..vtu import VTUInputs, exact_attention, expand, remerge
 
 __all__ = ["VTUAttentionMixin", "VTUDecoderMixin", "VTURootMixin"]
+
+logger = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # fallbacks already reported
 
 
 class VTUAttentionMixin:
@@ -37,19 +42,24 @@ class VTUAttentionMixin:
 
     Modifications (vs ``LlamaAttention.forward``), only when ``vtu`` is given (prefill):
         - ``hidden_states`` are the ``L_m`` merged tokens; Q/K/V projections run on them;
-        - Q/K/V are expanded to the ``L`` virtual positions (``index`` gather), RoPE is applied with
-          ``position_embeddings`` at the virtual positions, and the KV cache stores the expanded,
-          rotated K and V (length ``L``), so decode steps are ordinary;
+        - Q/K/V are expanded to the ``L`` virtual positions (``index`` gather) and RoPE is applied with
+          ``position_embeddings`` at the virtual positions;
+        - the KV cache stores either the merged K (before RoPE) and V (``vtu.cache == "merged"``: the decoder
+          put :class:`~dymu.kv_cache.MergedKVLayer` s in the cache) or the expanded, rotated K and V
+          (length ``L``, ``"expanded"``);
         - causal attention over the virtual sequence through ``ALL_ATTENTION_FUNCTIONS`` (or the exact
           decomposition when ``vtu.mode == "exact"``);
         - outputs are averaged per group back to ``L_m`` tokens before ``o_proj``.
-    Without ``vtu`` (decode steps, or plain use) the host forward runs unchanged.
-    Set by :func:`dymu.apply_vtu`: ``_dymu_rope`` (the host module's ``apply_rotary_pos_emb``) and
-    ``_dymu_eager`` (its ``eager_attention_forward``).
+    Decode steps over a merged cache (``vtu`` given, the layer's cache already holds the prompt) run
+    :func:`~dymu.kv_cache.merged_decode_attention` with the ``(B, T, L + S)`` boolean mask the decoder built.
+    Without ``vtu`` (decode steps over an expanded cache, or plain use) the host forward runs unchanged.
+    Set by :func:`dymu.apply_vtu`: ``_dymu_rope`` (the host module's ``apply_rotary_pos_emb``),
+    ``_dymu_rotate_half`` (its ``rotate_half``) and ``_dymu_eager`` (its ``eager_attention_forward``).
     """
 
     _dymu_rope: Callable
     _dymu_eager: Callable
+    _dymu_rotate_half: Callable
 
     def forward(
         self,
@@ -67,10 +77,18 @@ class VTUAttentionMixin:
         q = self.q_proj(hidden_states).view(heads).transpose(1, 2)  # (B, H, L_m, D)
         k = self.k_proj(hidden_states).view(heads).transpose(1, 2)  # (B, H_kv, L_m, D)
         v = self.v_proj(hidden_states).view(heads).transpose(1, 2)
-        cos, sin = position_embeddings  # (B, L, D) at virtual positions
+        cos, sin = position_embeddings  # (B, L, D) at virtual positions (decode: at the new positions)
+        merged_cache = _merged_layer(past_key_values, self.layer_idx)
+        if merged_cache is not None and merged_cache.has_prompt:  # decode step over a merged cache
+            q, k = self._dymu_rope(q, k, cos, sin)
+            past_key_values.update(k, v, self.layer_idx)
+            out = merged_decode_attention(q, merged_cache, attention_mask, self.scaling, self._dymu_rotate_half)
+            return self.o_proj(out.reshape(bsz, lm, -1)), None
         q_virtual, k_virtual = self._dymu_rope(expand(q, vtu.group_index), expand(k, vtu.group_index), cos, sin)
         v_virtual = expand(v, vtu.group_index)  # (B, H_kv, L, D)
-        if past_key_values is not None:
+        if merged_cache is not None:
+            past_key_values.update(k, v, self.layer_idx)  # merged rows, keys before RoPE
+        elif past_key_values is not None:
             k_virtual, v_virtual = past_key_values.update(k_virtual, v_virtual, self.layer_idx)
         if vtu.mode == "exact":
             out = exact_attention(q, k, v, cos, sin, vtu, self.scaling)
@@ -92,16 +110,28 @@ class VTUAttentionMixin:
         return self.o_proj(out), None
 
 
+def _merged_layer(cache, layer_idx: int) -> MergedKVLayer | None:
+    """The merged cache layer of ``layer_idx``, if ``cache`` holds one."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None and layer_idx < len(layers) and isinstance(layers[layer_idx], MergedKVLayer):
+        return layers[layer_idx]
+    return None
+
+
 class VTUDecoderMixin:
     """Decoder stack (``LlamaModel``) that understands ``vtu=``.
 
     Modifications (vs ``LlamaModel.forward``), only when ``vtu`` is given:
         - prefill (empty cache): the causal mask and RoPE tables are built over the ``L`` virtual
-          positions (``vtu.attention_mask``, ``vtu.position_ids``); ``vtu`` is passed to every layer;
-        - decode (cache holds the virtual prompt): the host's 2-D mask covers ``L_m`` prompt slots plus the
-          new tokens; it is rewritten to ``vtu.attention_mask`` plus the new tokens, so it matches the
-          length-``L`` cache; positions come from ``position_ids`` (``generate`` continues them from the
-          last prompt position); the host forward runs unchanged otherwise.
+          positions (``vtu.attention_mask``, ``vtu.position_ids``); ``vtu`` is passed to every layer. With
+          ``vtu.cache == "merged"`` and a ``DynamicCache`` (what ``generate`` makes), each cache layer is
+          replaced by a :class:`~dymu.kv_cache.MergedKVLayer` sharing the prompt's layout and RoPE tables;
+        - decode over a merged cache: the layers run with ``vtu`` and a ``(B, T, L + S)`` boolean mask (virtual
+          prompt padding, then ``generate``'s 2-D mask for the decode tokens, causal among them); RoPE tables
+          at ``position_ids`` (``generate`` continues them from the last prompt position);
+        - decode over an expanded cache: the host's 2-D mask covers ``L_m`` prompt slots plus the new tokens;
+          it is rewritten to ``vtu.attention_mask`` plus the new tokens, so it matches the length-``L`` cache;
+          the host forward runs unchanged otherwise.
     """
 
     def forward(
@@ -124,6 +154,9 @@ class VTUDecoderMixin:
         if past_key_values is not None and past_key_values.get_seq_length() > 0:
             if attention_mask is None or attention_mask.ndim != 2:
                 raise ValueError("VTU decode steps need the 2-D attention mask that generate() passes.")
+            if _merged_layer(past_key_values, 0) is not None:
+                return self._decode_merged(input_ids, inputs_embeds, attention_mask, position_ids, past_key_values,
+                                           use_cache, vtu, **kwargs)
             mask = torch.cat([vtu.attention_mask.to(attention_mask), attention_mask[:, vtu.merged_length :]], dim=1)
             host["use_cache"] = use_cache
             return super().forward(attention_mask=mask, past_key_values=past_key_values, **host, **kwargs)
@@ -149,7 +182,13 @@ class VTUDecoderMixin:
         if "sliding_attention" in layer_types:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=positions)  # (B, L, D) each
-        hidden_states = inputs_embeds
+        if vtu.cache == "merged" and past_key_values is not None:
+            self._install_merged_cache(past_key_values, vtu, position_embeddings, layer_types)
+        return self._run_layers(inputs_embeds, masks, layer_types, position_embeddings, positions, past_key_values,
+                                use_cache, vtu, **kwargs)
+
+    def _run_layers(self, hidden_states, masks, layer_types, position_embeddings, positions, past_key_values,
+                    use_cache, vtu, **kwargs) -> BaseModelOutputWithPast:
         for layer, layer_type in zip(self.layers[: self.config.num_hidden_layers], layer_types):
             hidden_states = layer(
                 hidden_states,
@@ -163,16 +202,59 @@ class VTUDecoderMixin:
             )
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
 
+    def _install_merged_cache(self, cache, vtu: VTUInputs, position_embeddings, layer_types) -> None:
+        """Replace the empty layers of a ``DynamicCache`` by merged layers (else keep the expanded cache)."""
+        if "sliding_attention" in layer_types or not isinstance(cache, DynamicCache):
+            reason = "sliding-window layers" if "sliding_attention" in layer_types else type(cache).__name__
+            if reason not in _WARNED:
+                logger.warning("VTU merged KV cache is not available with %s; using the expanded cache.", reason)
+                _WARNED.add(reason)
+            return
+        cos, sin = position_embeddings
+        prompt = VirtualPrompt(vtu.group_index.to(cos.device), vtu.attention_mask.to(cos.device).bool(), cos, sin)
+        cache.layers = [MergedKVLayer(prompt, vtu.merged_length) for _ in range(self.config.num_hidden_layers)]
+
+    def _decode_merged(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, vtu, **kwargs):
+        """One decode step (``T`` new tokens) over a merged cache."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        bsz, t, _ = inputs_embeds.shape
+        first = _merged_layer(cache, 0)
+        lm, cached = first.merged_length, cache.get_seq_length()
+        if attention_mask.shape != (bsz, cached + t):
+            raise ValueError(f"VTU decode: the 2-D attention mask is {tuple(attention_mask.shape)} but the merged cache "
+                             f"holds {cached} rows and {t} new tokens come; pass generate()'s mask.")
+        prompt_mask = first.prompt.attention_mask  # (B, L)
+        tail_mask = attention_mask[:, lm:].to(prompt_mask.device).bool()  # (B, S)
+        if position_ids is None:  # continue after the last real virtual position
+            real = prompt_mask.sum(-1, keepdim=True) + tail_mask.long().cumsum(-1) - 1
+            position_ids = real[:, -t:].clamp_min(0)
+        s = tail_mask.shape[1]
+        causal = torch.ones(t, s, dtype=torch.bool, device=tail_mask.device).tril(diagonal=s - t)
+        allowed = torch.cat([prompt_mask[:, None, :].expand(bsz, t, -1), tail_mask[:, None, :] & causal], dim=-1)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
+        layer_types = ["full_attention"] * self.config.num_hidden_layers
+        return self._run_layers(inputs_embeds, {"full_attention": allowed}, layer_types, position_embeddings,
+                                position_ids, cache, use_cache, vtu, **kwargs)
+
 
 class VTURootMixin:
     """Declares ``vtu`` on the forward of the model ``generate()`` is called on.
 
     Modifications: ``forward(..., vtu=None, ...)`` passes ``vtu`` down through ``**kwargs`` (transformers
     forwards extra keyword arguments to the decoder and every attention call); ``generate`` only accepts
-    model kwargs the root forward declares, and then hands them to every step.
+    model kwargs the root forward declares, and then hands them to every step. ``generate``'s input expansion
+    (beam search, ``num_return_sequences``) repeats ``vtu`` with the other inputs.
     """
 
     def forward(self, *args, vtu: VTUInputs | None = None, **kwargs):
         if vtu is not None:
             kwargs["vtu"] = vtu
         return super().forward(*args, **kwargs)
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None,
+                                      **model_kwargs):
+        """``generate`` repeats every input tensor for beam search / ``num_return_sequences``; ``vtu`` too."""
+        if expand_size > 1 and model_kwargs.get("vtu") is not None:
+            model_kwargs["vtu"] = model_kwargs["vtu"].repeat_interleave(expand_size)
+        return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
