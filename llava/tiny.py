@@ -205,34 +205,30 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _tiny_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+def llava15_config(tokenizer: PreTrainedTokenizerFast, vision: dict | None = None, text: dict | None = None) -> LlavaConfig:
+    """LLaVA-1.5 config with the tiny model's widths, or other shapes via overrides.
+
+    Token geometry is LLaVA-1.5's whatever the widths (336 px, 14 px patches, features from the
+    second-to-last layer without CLS). ``vision`` / ``text`` override ``CLIPVisionConfig`` / ``LlamaConfig``
+    fields (e.g. the 7B widths in :mod:`llava.shapes`); the text vocab defaults to the tokenizer's size
+    rounded up to 64.
+
+    Raises:
+        ValueError: the tokenizer's image token id lies outside the text vocab.
+    """
+    vision_config = CLIPVisionConfig(**{
+        **dict(image_size=336, patch_size=14, hidden_size=64, intermediate_size=256, num_hidden_layers=8,
+               num_attention_heads=4, projection_dim=64, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+        **(vision or {}),
+    })
+    text_config = LlamaConfig(**{
+        **dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=_round_up(len(tokenizer), 64), max_position_embeddings=2048,
+               rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.02),
+        **(text or {}),
+    })
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    vision_config = CLIPVisionConfig(
-        image_size=336,
-        patch_size=14,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        projection_dim=64,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-    )
-    text_config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=_round_up(len(tokenizer), 64),
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        initializer_range=0.02,
-    )
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -250,7 +246,8 @@ def _tiny_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
     return config
 
 
-def _build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+def llava15_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+    """LLaVA-1.5's processor (CLIP preprocessing at 336 px) around ``tokenizer``."""
     # transformers 5's `CLIPImageProcessor` is the torchvision backend and, without torchvision, falls
     # back to `CLIPImageProcessorPil` with a warning; use the PIL class directly (torchvision must not
     # be installed on CPU-only machines, see docs/environment.md).
@@ -297,12 +294,12 @@ def build_tiny_llava15(path: str | os.PathLike, seed: int = 0) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
-    config = _tiny_config(tokenizer)
+    config = llava15_config(tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
     model.save_pretrained(path)
-    _build_processor(tokenizer).save_pretrained(path)
+    llava15_processor(tokenizer).save_pretrained(path)
     marker = {
         "name": "tiny-llava-1.5 (DyMU test checkpoint)",
         "random_weights": True,
@@ -461,6 +458,55 @@ def ensure_tiny_thresholds(path: str | os.PathLike, targets: dict[str, int] | No
 ONEVISION_SPECIAL_TOKENS = ("<image>", "<video>", "<|im_start|>", "<|im_end|>")
 
 
+def onevision_tokenizer() -> PreTrainedTokenizerFast:
+    """:func:`build_tiny_tokenizer` plus the LLaVA-OneVision special tokens."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(ONEVISION_SPECIAL_TOKENS)})
+    return tokenizer
+
+
+def onevision_config(tokenizer: PreTrainedTokenizerFast, vision: dict | None = None, text: dict | None = None):
+    """LLaVA-OneVision config with the tiny widths, or other shapes via ``SiglipVisionConfig`` / ``Qwen2Config``
+    overrides; upstream grid pinpoints, ``anyres_max_9`` and token geometry (384 px, 14 px patches)."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    reference = LlavaOnevisionConfig()  # upstream defaults: grid pinpoints, anyres_max_9, token geometry
+    return LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**{
+            **dict(image_size=384, patch_size=14, hidden_size=64, intermediate_size=256, num_hidden_layers=8,
+                   num_attention_heads=4, vision_use_head=False, layer_norm_eps=1e-6),
+            **(vision or {}),
+        }),
+        text_config=Qwen2Config(**{
+            **dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=_round_up(len(tokenizer), 64), max_position_embeddings=32768,
+                   rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id),
+            **(text or {}),
+        }),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=reference.image_grid_pinpoints,
+    )
+
+
+def onevision_image_processor():
+    """LLaVA-OneVision's AnyRes image processor (PIL backend; upstream grid pinpoints, 384 px crops)."""
+    from transformers import LlavaOnevisionConfig
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    return LlavaOnevisionImageProcessorPil(
+        size={"height": 384, "width": 384}, image_grid_pinpoints=LlavaOnevisionConfig().image_grid_pinpoints,
+        do_pad=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+
+
 def build_tiny_llava_onevision(path: str | os.PathLike, seed: int = 0) -> Path:
     """Build a tiny LLaVA-OneVision-shaped checkpoint with **random weights** and save it to ``path``.
 
@@ -474,44 +520,18 @@ def build_tiny_llava_onevision(path: str | os.PathLike, seed: int = 0) -> Path:
     PIL image processor separately (LLaVA-OneVision's combined processor needs a torchvision video
     processor), and the :data:`MARKER_FILE`.
     """
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil,
-    )
+    from transformers import LlavaOnevisionForConditionalGeneration
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": list(ONEVISION_SPECIAL_TOKENS)})
-    reference = LlavaOnevisionConfig()  # upstream defaults: grid pinpoints, anyres_max_9, token geometry
-    config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(
-            image_size=384, patch_size=14, hidden_size=64, intermediate_size=256, num_hidden_layers=8,
-            num_attention_heads=4, vision_use_head=False, layer_norm_eps=1e-6,
-        ),
-        text_config=Qwen2Config(
-            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=_round_up(len(tokenizer), 64), max_position_embeddings=32768,
-            rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        vision_aspect_ratio="anyres_max_9",
-        image_grid_pinpoints=reference.image_grid_pinpoints,
-    )
+    tokenizer = onevision_tokenizer()
+    config = onevision_config(tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaOnevisionForConditionalGeneration(config).to(torch.float32).eval()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    LlavaOnevisionImageProcessorPil(
-        size={"height": 384, "width": 384}, image_grid_pinpoints=reference.image_grid_pinpoints, do_pad=True,
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-    ).save_pretrained(path)
+    onevision_image_processor().save_pretrained(path)
     marker = {
         "name": "tiny-llava-onevision (DyMU test checkpoint)",
         "random_weights": True,
