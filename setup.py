@@ -34,7 +34,8 @@ setup(
     ],
     entry_points={"lmms_eval.models": ["dymu = llava.lmms_plugin:manifests"]},
     extras_require={
-        "eval": ["hydra-core>=1.3,<1.4", "wandb", "scikit-image", "datasets"],  # datasets: Hub benchmark data
+        # datasets: Hub benchmark data; matplotlib: benchmark plots
+        "eval": ["hydra-core>=1.3,<1.4", "wandb", "scikit-image", "datasets", "matplotlib"],
         # open_clip needs torchvision; keep it out of the main environment on CPU-only machines (transformers'
         # image classes break with PyPI's torchvision there; see dymu.prepare_cpu_torchvision).
         "openclip": ["open_clip_torch>=3.0", "torchvision"],
@@ -44,6 +45,7 @@ setup(
             "hydra-core>=1.3,<1.4",
             "wandb",
             "scikit-image",
+            "matplotlib",
             "pytest",
             "hypothesis",
             "tokenizers",

@@ -5,9 +5,10 @@ large as the unmodified model's. Both can be kept merged (``docs/dymu-method.md`
 
 - **V merged, exactly**: ``o = sum_p' P[p'] v_{g(p')} = sum_b (sum_{p' in G_b} P[p']) v_b``; the attention
   probabilities of each key group are summed, then multiplied by the ``L_m`` merged values.
-- **K merged and before RoPE**, with the group map and the RoPE tables of the virtual positions; the keys are
-  expanded and rotated at their virtual positions when read (each member of a group sits at its own position,
-  so a merged key has one rotation per member).
+- **K merged and before RoPE**, with the group map and the RoPE tables of the virtual positions; logits are
+  formed at the virtual positions when read (each member of a group sits at its own position, so a merged key
+  has one rotation per member): by expanding and rotating the keys, or by the RoPE frequency decomposition
+  (:func:`prompt_logits`).
 
 Decode tokens are ordinary (groups of size 1) and are stored after the prompt, rotated, as in any cache.
 
@@ -23,7 +24,9 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-__all__ = ["VirtualPrompt", "MergedKVLayer", "merged_decode_attention", "kv_cache_bytes"]
+from .vtu import expand
+
+__all__ = ["VirtualPrompt", "MergedKVLayer", "prompt_logits", "merged_decode_attention", "kv_cache_bytes"]
 
 
 @dataclass
@@ -33,21 +36,33 @@ class VirtualPrompt:
     Attributes:
         group_index: ``(B, L)`` long, merged slot of each virtual position.
         attention_mask: ``(B, L)`` bool, real virtual positions.
-        cos, sin: ``(B, L, D)`` the host's RoPE tables at the virtual positions (model dtype).
+        rope: ``(B, L, D)`` ``[cos | sin]`` of the RoPE frequencies at the virtual positions (model dtype): the
+            first halves of the host's ``rotate_half``-layout tables (``cos = [c, c]``, ``sin = [s, s]``).
     """
 
     group_index: torch.Tensor
     attention_mask: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
+    rope: torch.Tensor
+
+    @classmethod
+    def from_host(cls, group_index: torch.Tensor, attention_mask: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> VirtualPrompt:
+        """From the host's ``(B, L, D)`` RoPE tables (``rotate_half`` layout: both halves equal)."""
+        half = cos.shape[-1] // 2
+        return cls(group_index, attention_mask.bool(), torch.cat([cos[..., :half], sin[..., :half]], dim=-1))
+
+    def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The host's ``(B, L, D)`` ``cos``, ``sin`` tables."""
+        c, s = self.rope.chunk(2, dim=-1)
+        return torch.cat([c, c], dim=-1), torch.cat([s, s], dim=-1)
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> VirtualPrompt:
         """A copy with ``fn`` applied along the batch dimension of every field (beam search, batch selection)."""
-        return VirtualPrompt(fn(self.group_index), fn(self.attention_mask), fn(self.cos), fn(self.sin))
+        return VirtualPrompt(fn(self.group_index), fn(self.attention_mask), fn(self.rope))
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """All fields (for memory accounting)."""
-        return self.group_index, self.attention_mask, self.cos, self.sin
+        return self.group_index, self.attention_mask, self.rope
 
 
 class MergedKVLayer(DynamicLayer):
@@ -84,18 +99,6 @@ class MergedKVLayer(DynamicLayer):
                              f"got {key_states.shape[-2]}.")
         return super().update(key_states, value_states)
 
-    def prompt_keys_rotated(self, rotate_half: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Prompt keys expanded to the virtual positions and rotated there: ``(B, H_kv, L, D)``.
-
-        Same arithmetic as the host's ``apply_rotary_pos_emb`` on the key (``k cos + rotate_half(k) sin``), so
-        the result equals what the expanded cache would have stored.
-        """
-        k = self.keys[:, :, : self.merged_length]
-        b, h, _, d = k.shape
-        index = self.prompt.group_index[:, None, :, None].expand(b, h, self.prompt.group_index.shape[1], d)
-        k = k.gather(2, index)
-        return k * self.prompt.cos[:, None] + rotate_half(k) * self.prompt.sin[:, None]
-
     # batch / length edits keep the layout in step with the rows
     def crop(self, tokens_to_remove: int) -> None:
         """Drop decode rows from the end (``tokens_to_remove < 0``); the merged prompt cannot be cropped.
@@ -120,25 +123,73 @@ class MergedKVLayer(DynamicLayer):
         self.prompt = self.prompt.map_batch(lambda t: t[indices])
 
 
+def prompt_logits(q: torch.Tensor, layer: MergedKVLayer, method: str = "auto") -> torch.Tensor:
+    """Unscaled logits of queries against the ``L`` virtual prompt keys of a merged cache.
+
+    Two exact ways, chosen by the cost of the rows they expand to ``L``:
+
+    - ``"keys"``: expand the merged keys to the virtual positions and rotate them there
+      (``k cos + rotate_half(k) sin``, the host's arithmetic); ``H_kv`` rows per position.
+    - ``"frequency"``: per query and merged key, ``alpha_i = q1 k1 + q2 k2`` and ``beta_i = q2 k1 - q1 k2`` per
+      RoPE frequency ``i < D/2``; the logit at virtual position ``p`` is ``sum_i alpha_i c_i(p) + beta_i s_i(p)``
+      (``docs/dymu-method.md`` Sec. 3), one ``index_select`` and one ``bmm``; ``H * T`` rows per position.
+
+    ``"auto"`` takes ``"frequency"`` when ``H * T <= 2 * H_kv`` (multi-head or mild GQA decode steps, e.g.
+    Llama-7B), else ``"keys"`` (e.g. Qwen2's 7 query heads per KV head): fewer passes over ``L``-row tensors.
+
+    Args:
+        q: ``(B, H, T, D)`` queries after RoPE (at their own positions).
+        layer: the merged cache layer.
+        method: ``"auto"``, ``"keys"`` or ``"frequency"``.
+
+    Returns:
+        ``(B, H_kv, rep * T, L)`` float logits (``rep = H / H_kv``; query heads sharing a KV head side by side).
+
+    Raises:
+        ValueError: unknown ``method``.
+    """
+    b, h, t, d = q.shape
+    lm, h_kv, prompt = layer.merged_length, layer.keys.shape[1], layer.prompt
+    length = prompt.group_index.shape[1]
+    if method == "auto":
+        method = "frequency" if h * t <= 2 * h_kv else "keys"
+    if method == "keys":
+        k = expand(layer.keys[:, :, :lm].transpose(1, 2), prompt.group_index).transpose(1, 2)  # (B, H_kv, L, D)
+        cos, sin = prompt.cos_sin()
+        k = k * cos[:, None] + torch.cat([-k[..., d // 2 :], k[..., : d // 2]], dim=-1) * sin[:, None]
+        return (q.reshape(b, h_kv, -1, d) @ k.transpose(-1, -2)).float()
+    if method != "frequency":
+        raise ValueError(f"prompt_logits method must be 'auto', 'keys' or 'frequency', got {method!r}.")
+    half = d // 2
+    k = layer.keys[:, :, :lm].repeat_interleave(h // h_kv, dim=1)[:, :, None]  # (B, H, 1, L_m, D)
+    q = q[:, :, :, None]  # (B, H, T, 1, D)
+    q1, q2, k1, k2 = q[..., :half], q[..., half:], k[..., :half], k[..., half:]
+    ab = torch.cat([q1 * k1 + q2 * k2, q2 * k1 - q1 * k2], dim=-1)  # (B, H, T, L_m, D)
+    ab = expand(ab.permute(0, 3, 1, 2, 4).reshape(b, lm, h * t, d), prompt.group_index)  # (B, L, H*T, D)
+    logits = torch.bmm(ab.view(b * length, h * t, d), prompt.rope.reshape(b * length, d, 1).to(ab.dtype))
+    return logits.view(b, length, h_kv, -1).permute(0, 2, 3, 1).float()  # (B, H_kv, rep*T, L)
+
+
 def merged_decode_attention(
     q: torch.Tensor,
     layer: MergedKVLayer,
-    allowed: torch.Tensor,
+    bias: torch.Tensor,
     scaling: float,
-    rotate_half: Callable[[torch.Tensor], torch.Tensor],
+    method: str = "auto",
 ) -> torch.Tensor:
     """Attention of decode tokens over a merged cache, V aggregated per key group (exact).
 
-    Logits are ``q . k`` over the ``L`` virtual prompt positions (keys rotated when read) and the ``S`` decode
-    rows; softmax in float32; the prompt probabilities are summed per group and multiplied by the ``L_m``
-    merged values (``docs/dymu-method.md`` Sec. 3), the decode ones by their own values.
+    Logits over the ``L`` virtual prompt positions (:func:`prompt_logits`) and the ``S`` decode rows; softmax in
+    float32; the prompt probabilities are summed per group and multiplied by the ``L_m`` merged values
+    (``docs/dymu-method.md`` Sec. 3), the decode ones by their own values (in the values' dtype, as the host's
+    eager attention does).
 
     Args:
         q: ``(B, H, T, D)`` queries after RoPE.
         layer: the cache layer, already updated with this step's rows.
-        allowed: ``(B, T, L + S)`` bool, which keys each query may see (padding and causality).
+        bias: ``(B, T, L + S)`` float32 additive mask (0 allowed, ``finfo.min`` for padding / future keys).
         scaling: logit scale.
-        rotate_half: the host module's ``rotate_half``.
+        method: see :func:`prompt_logits`.
 
     Returns:
         ``(B, T, H, D)`` in ``q.dtype``.
@@ -146,17 +197,16 @@ def merged_decode_attention(
     b, h, t, d = q.shape
     lm = layer.merged_length
     h_kv = layer.keys.shape[1]
-    rep = h // h_kv
-    qg = q.reshape(b, h_kv, rep * t, d)  # GQA: query heads sharing a KV head side by side
-    prompt_k = layer.prompt_keys_rotated(rotate_half)  # (B, H_kv, L, D)
     tail_k, tail_v = layer.keys[:, :, lm:], layer.values[:, :, lm:]  # (B, H_kv, S, D)
-    logits = torch.cat([qg @ prompt_k.transpose(-1, -2), qg @ tail_k.transpose(-1, -2)], dim=-1).float() * scaling
-    length = prompt_k.shape[2]
-    mask = allowed[:, None, None].expand(b, h_kv, rep, t, allowed.shape[-1]).reshape(b, h_kv, rep * t, -1)
-    probs = logits.masked_fill(~mask, torch.finfo(torch.float32).min).softmax(-1)  # (B, H_kv, rep*T, L + S)
-    index = layer.prompt.group_index[:, None, None, :].expand(b, h_kv, rep * t, length)
-    grouped = probs.new_zeros(b, h_kv, rep * t, lm).scatter_add_(-1, index, probs[..., :length])
-    out = grouped @ layer.values[:, :, :lm].float() + probs[..., length:] @ tail_v.float()  # (B, H_kv, rep*T, D)
+    logits = torch.cat([prompt_logits(q, layer, method), (q.reshape(b, h_kv, -1, d) @ tail_k.transpose(-1, -2)).float()],
+                       dim=-1) * scaling  # (B, H_kv, rep*T, L + S)
+    logits = (logits.view(b, h_kv, -1, t, logits.shape[-1]) + bias[:, None, None]).view_as(logits)
+    probs = logits.softmax(-1)
+    length = layer.prompt.group_index.shape[1]
+    index = layer.prompt.group_index[:, None, None, :].expand(b, h_kv, probs.shape[2], length)
+    grouped = probs.new_zeros(b, h_kv, probs.shape[2], lm).scatter_add_(-1, index, probs[..., :length])
+    values = layer.values[:, :, :lm]
+    out = grouped.to(values.dtype) @ values + probs[..., length:].to(tail_v.dtype) @ tail_v  # (B, H_kv, rep*T, D)
     return out.reshape(b, h, t, d).transpose(1, 2).to(q.dtype)
 
 

@@ -205,7 +205,6 @@ def apply_vtu(model: nn.Module) -> nn.Module:
                 module,
                 _llama.VTUAttentionMixin,
                 _dymu_rope=host_module.apply_rotary_pos_emb,
-                _dymu_rotate_half=host_module.rotate_half,
                 _dymu_eager=host_module.eager_attention_forward,
             )
     if model is not decoder:

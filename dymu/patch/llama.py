@@ -51,15 +51,14 @@ class VTUAttentionMixin:
           decomposition when ``vtu.mode == "exact"``);
         - outputs are averaged per group back to ``L_m`` tokens before ``o_proj``.
     Decode steps over a merged cache (``vtu`` given, the layer's cache already holds the prompt) run
-    :func:`~dymu.kv_cache.merged_decode_attention` with the ``(B, T, L + S)`` boolean mask the decoder built.
+    :func:`~dymu.kv_cache.merged_decode_attention` with the ``(B, T, L + S)`` additive mask the decoder built.
     Without ``vtu`` (decode steps over an expanded cache, or plain use) the host forward runs unchanged.
-    Set by :func:`dymu.apply_vtu`: ``_dymu_rope`` (the host module's ``apply_rotary_pos_emb``),
-    ``_dymu_rotate_half`` (its ``rotate_half``) and ``_dymu_eager`` (its ``eager_attention_forward``).
+    Set by :func:`dymu.apply_vtu`: ``_dymu_rope`` (the host module's ``apply_rotary_pos_emb``) and
+    ``_dymu_eager`` (its ``eager_attention_forward``).
     """
 
     _dymu_rope: Callable
     _dymu_eager: Callable
-    _dymu_rotate_half: Callable
 
     def forward(
         self,
@@ -73,19 +72,18 @@ class VTUAttentionMixin:
         if vtu is None:
             return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         bsz, lm, _ = hidden_states.shape
-        heads = (bsz, lm, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(heads).transpose(1, 2)  # (B, H, L_m, D)
-        k = self.k_proj(hidden_states).view(heads).transpose(1, 2)  # (B, H_kv, L_m, D)
-        v = self.v_proj(hidden_states).view(heads).transpose(1, 2)
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)  # (B, L_m, C*)
         cos, sin = position_embeddings  # (B, L, D) at virtual positions (decode: at the new positions)
         merged_cache = _merged_layer(past_key_values, self.layer_idx)
         if merged_cache is not None and merged_cache.has_prompt:  # decode step over a merged cache
-            q, k = self._dymu_rope(q, k, cos, sin)
-            past_key_values.update(k, v, self.layer_idx)
-            out = merged_decode_attention(q, merged_cache, attention_mask, self.scaling, self._dymu_rotate_half)
+            q, k = self._dymu_rope(_heads(q, self.head_dim), _heads(k, self.head_dim), cos, sin)
+            past_key_values.update(k, _heads(v, self.head_dim), self.layer_idx)
+            out = merged_decode_attention(q, merged_cache, attention_mask, self.scaling)
             return self.o_proj(out.reshape(bsz, lm, -1)), None
-        q_virtual, k_virtual = self._dymu_rope(expand(q, vtu.group_index), expand(k, vtu.group_index), cos, sin)
-        v_virtual = expand(v, vtu.group_index)  # (B, H_kv, L, D)
+        q_virtual, k_virtual = self._dymu_rope(_heads(expand(q, vtu.group_index), self.head_dim),
+                                               _heads(expand(k, vtu.group_index), self.head_dim), cos, sin)
+        v_virtual = _heads(expand(v, vtu.group_index), self.head_dim)  # (B, H_kv, L, D)
+        q, k, v = _heads(q, self.head_dim), _heads(k, self.head_dim), _heads(v, self.head_dim)  # (B, H*, L_m, D)
         if merged_cache is not None:
             past_key_values.update(k, v, self.layer_idx)  # merged rows, keys before RoPE
         elif past_key_values is not None:
@@ -110,6 +108,11 @@ class VTUAttentionMixin:
         return self.o_proj(out), None
 
 
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``(B, N, H * D)`` -> ``(B, H, N, D)`` (a view)."""
+    return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
+
+
 def _merged_layer(cache, layer_idx: int) -> MergedKVLayer | None:
     """The merged cache layer of ``layer_idx``, if ``cache`` holds one."""
     layers = getattr(cache, "layers", None)
@@ -126,7 +129,7 @@ class VTUDecoderMixin:
           positions (``vtu.attention_mask``, ``vtu.position_ids``); ``vtu`` is passed to every layer. With
           ``vtu.cache == "merged"`` and a ``DynamicCache`` (what ``generate`` makes), each cache layer is
           replaced by a :class:`~dymu.kv_cache.MergedKVLayer` sharing the prompt's layout and RoPE tables;
-        - decode over a merged cache: the layers run with ``vtu`` and a ``(B, T, L + S)`` boolean mask (virtual
+        - decode over a merged cache: the layers run with ``vtu`` and a ``(B, T, L + S)`` additive mask (virtual
           prompt padding, then ``generate``'s 2-D mask for the decode tokens, causal among them); RoPE tables
           at ``position_ids`` (``generate`` continues them from the last prompt position);
         - decode over an expanded cache: the host's 2-D mask covers ``L_m`` prompt slots plus the new tokens;
@@ -211,7 +214,7 @@ class VTUDecoderMixin:
                 _WARNED.add(reason)
             return
         cos, sin = position_embeddings
-        prompt = VirtualPrompt(vtu.group_index.to(cos.device), vtu.attention_mask.to(cos.device).bool(), cos, sin)
+        prompt = VirtualPrompt.from_host(vtu.group_index.to(cos.device), vtu.attention_mask.to(cos.device), cos, sin)
         cache.layers = [MergedKVLayer(prompt, vtu.merged_length) for _ in range(self.config.num_hidden_layers)]
 
     def _decode_merged(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, vtu, **kwargs):
@@ -232,9 +235,11 @@ class VTUDecoderMixin:
         s = tail_mask.shape[1]
         causal = torch.ones(t, s, dtype=torch.bool, device=tail_mask.device).tril(diagonal=s - t)
         allowed = torch.cat([prompt_mask[:, None, :].expand(bsz, t, -1), tail_mask[:, None, :] & causal], dim=-1)
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+        bias.masked_fill_(~allowed, torch.finfo(torch.float32).min)  # (B, T, L + S), shared by every layer
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         layer_types = ["full_attention"] * self.config.num_hidden_layers
-        return self._run_layers(inputs_embeds, {"full_attention": allowed}, layer_types, position_embeddings,
+        return self._run_layers(inputs_embeds, {"full_attention": bias}, layer_types, position_embeddings,
                                 position_ids, cache, use_cache, vtu, **kwargs)
 
 
