@@ -154,15 +154,19 @@ def prompt_logits(q: torch.Tensor, layer: MergedKVLayer, method: str = "auto") -
     if method == "auto":
         method = "frequency" if h * t <= 2 * h_kv else "keys"
     if method == "keys":
-        k = expand(layer.keys[:, :, :lm].transpose(1, 2), prompt.group_index).transpose(1, 2)  # (B, H_kv, L, D)
+        keys = layer.keys[:, :, :lm]  # per sample: index_select on the cache layout, no copy of the rows first
+        k = torch.stack([keys[i].index_select(1, prompt.group_index[i]) for i in range(b)])  # (B, H_kv, L, D)
         cos, sin = prompt.cos_sin()
         k = k * cos[:, None] + torch.cat([-k[..., d // 2 :], k[..., : d // 2]], dim=-1) * sin[:, None]
         return (q.reshape(b, h_kv, -1, d) @ k.transpose(-1, -2)).float()
     if method != "frequency":
         raise ValueError(f"prompt_logits method must be 'auto', 'keys' or 'frequency', got {method!r}.")
     half = d // 2
-    k = layer.keys[:, :, :lm].repeat_interleave(h // h_kv, dim=1)[:, :, None]  # (B, H, 1, L_m, D)
+    k = layer.keys[:, :, :lm]
+    if h != h_kv:
+        k = k.repeat_interleave(h // h_kv, dim=1)
     q = q[:, :, :, None]  # (B, H, T, 1, D)
+    k = k[:, :, None]  # (B, H, 1, L_m, D)
     q1, q2, k1, k2 = q[..., :half], q[..., half:], k[..., :half], k[..., half:]
     ab = torch.cat([q1 * k1 + q2 * k2, q2 * k1 - q1 * k2], dim=-1)  # (B, H, T, L_m, D)
     ab = expand(ab.permute(0, 3, 1, 2, 4).reshape(b, lm, h * t, d), prompt.group_index)  # (B, L, H*T, D)
