@@ -581,7 +581,7 @@ def calibrate_levels(pipe, targets: Mapping[str, int], folder: Path, max_images:
 
 def run_from_config(cfg: Mapping) -> dict:
     """What ``scripts/benchmark.py`` runs (keys: ``hydra_conf/speed.yaml``). Writes ``results.json``,
-    ``results.md`` and ``results.png`` to ``output_dir`` and returns the summary.
+    ``results.md`` and ``results.png`` to ``output_dir`` and returns the summary (see :func:`summarise`).
 
     Raises:
         FileExistsError: ``output_dir`` already holds results and ``overwrite`` is false (checked first).
@@ -627,6 +627,5 @@ def run_from_config(cfg: Mapping) -> dict:
     table = markdown_table(summary, header)
     (out_dir / "results.md").write_text(table, encoding="utf-8")
     plot(summary, out_dir / "results.png", title=f"{setup['shape']} ({setup['dtype']}, {setup['device']})")
-    print(table)
-    print(f"written: {out_dir}/results.json, results.md, results.png")
+    logger.info("written: %s/results.json, results.md, results.png", out_dir)
     return summary

@@ -16,9 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 
 @hydra.main(config_path="../hydra_conf", config_name="speed", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from pathlib import Path
+
     from eval.speed import run_from_config
 
     run_from_config(OmegaConf.to_container(cfg, resolve=True))
+    print((Path(cfg.output_dir) / "results.md").read_text())
 
 
 if __name__ == "__main__":
