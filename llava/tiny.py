@@ -269,6 +269,21 @@ def llava15_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
     )
 
 
+def _write_marker(path: Path, name: str, builder: str, seed: int, **extra) -> None:
+    """The :data:`MARKER_FILE` of an embedded random-weight checkpoint (what it is, how it was built)."""
+    marker = {
+        "name": f"{name} (DyMU test checkpoint)",
+        "random_weights": True,
+        "seed": seed,
+        "note": "Randomly initialised weights for offline tests and demos only; not a trained model.",
+        "builder": f"{__name__}.{builder}",
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+        **extra,
+    }
+    (path / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+
 def build_tiny_llava15(path: str | os.PathLike, seed: int = 0) -> Path:
     """Build a tiny LLaVA-1.5-shaped checkpoint with **random weights** and save it to ``path``.
 
@@ -300,20 +315,9 @@ def build_tiny_llava15(path: str | os.PathLike, seed: int = 0) -> Path:
         model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
     model.save_pretrained(path)
     llava15_processor(tokenizer).save_pretrained(path)
-    marker = {
-        "name": "tiny-llava-1.5 (DyMU test checkpoint)",
-        "random_weights": True,
-        "seed": seed,
-        "note": "Randomly initialised weights for offline tests and demos only; not a trained model.",
-        "builder": f"{__name__}.build_tiny_llava15",
-        "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__.split("+")[0],
-        "text_vocab_size": config.text_config.vocab_size,
-        "tokenizer_size": len(tokenizer),
-        "image_token_id": config.image_token_id,
-        "image_seq_length": config.image_seq_length,
-    }
-    (path / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    _write_marker(path, "tiny-llava-1.5", "build_tiny_llava15", seed,
+                  text_vocab_size=config.text_config.vocab_size, tokenizer_size=len(tokenizer),
+                  image_token_id=config.image_token_id, image_seq_length=config.image_seq_length)
     logger.info(
         "built tiny LLaVA-1.5 (random weights, seed=%d, %.2fM parameters) in %s",
         seed,
@@ -532,15 +536,7 @@ def build_tiny_llava_onevision(path: str | os.PathLike, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     onevision_image_processor().save_pretrained(path)
-    marker = {
-        "name": "tiny-llava-onevision (DyMU test checkpoint)",
-        "random_weights": True,
-        "seed": seed,
-        "note": "Randomly initialised weights for offline tests and demos only; not a trained model.",
-        "builder": f"{__name__}.build_tiny_llava_onevision",
-        "transformers_version": transformers.__version__,
-    }
-    (path / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    _write_marker(path, "tiny-llava-onevision", "build_tiny_llava_onevision", seed)
     logger.info("built tiny LLaVA-OneVision (random weights, seed=%d) in %s", seed, path)
     return path
 
