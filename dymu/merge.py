@@ -116,8 +116,11 @@ def select_above_threshold(scores: torch.Tensor, threshold: float) -> torch.Tens
 
     Returns:
         ``(B, Na)`` bool merge mask.
+
+    Compared in float64: a float32 comparison would round ``threshold`` to float32 first, e.g. a
+    threshold just below 1 to 1, and then identical tokens (score exactly 1) would not merge.
     """
-    return scores > threshold
+    return scores.double() > threshold
 
 
 def select_top_r(scores: torch.Tensor, r: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ over ``torch.distributed`` ranks so N ranks see the same batches as one process.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,11 +24,15 @@ from dymu.thresholds import Thresholds, find_thresholds
 
 from .model import DyMULlava
 
-__all__ = ["list_images", "calibrate", "calibrate_from_config", "IMAGE_SUFFIXES"]
+__all__ = ["list_images", "image_list_record", "calibrate", "calibrate_from_config", "IMAGE_SUFFIXES",
+           "MAX_LISTED_IMAGES"]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+MAX_LISTED_IMAGES = 1000
+"""Calibration sets up to this size are listed in full in the thresholds file; larger ones by hash only."""
 
 
 def list_images(source: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[Path]:
@@ -58,6 +63,24 @@ def list_images(source: str | os.PathLike, image_root: str | os.PathLike | None 
     if not paths:
         raise ValueError(f"no images found in {source} (suffixes {IMAGE_SUFFIXES}).")
     return paths
+
+
+def image_list_record(images: Sequence[str | os.PathLike]) -> dict:
+    """How a thresholds file identifies its calibration images (with the seed, they fix the batches).
+
+    Returns:
+        ``{"image_dir", "image_list_sha256", "image_list"}``: the images' deepest common folder, the
+        SHA-256 of their paths relative to it (POSIX, in the given order, one per line), and those
+        relative paths; ``image_list`` is left out above :data:`MAX_LISTED_IMAGES` images (re-list the
+        recorded source and compare the hash instead).
+    """
+    paths = [Path(p).absolute() for p in images]
+    root = Path(os.path.commonpath([p.parent for p in paths])) if paths else Path()
+    relative = [p.relative_to(root).as_posix() for p in paths]
+    record = {"image_dir": str(root), "image_list_sha256": hashlib.sha256("\n".join(relative).encode()).hexdigest()}
+    if len(relative) <= MAX_LISTED_IMAGES:
+        record["image_list"] = relative
+    return record
 
 
 class _Images(Dataset):
@@ -94,7 +117,8 @@ def calibrate(
 
     Args:
         pipe: the loaded model (its tower may be patched or not; it is left as it was).
-        images: calibration image files (shuffled with ``seed``, then cut into batches).
+        images: calibration image files (shuffled with ``seed``, then cut into batches; recorded with
+            :func:`image_list_record`).
         target_tokens: tokens per crop (CLS included) to leave at the feature layer, e.g. 94 / 209 / 393
             for LLaVA-1.5's low / mid / high (budgets r = 21 / 16 / 8 over 23 layers).
         batch_size: images per batch; all their crops (one for LLaVA-1.5, the AnyRes crops for
@@ -106,7 +130,8 @@ def calibrate(
         source: description recorded in the file.
 
     Returns:
-        :class:`dymu.Thresholds` with the model name, seed and image count recorded.
+        :class:`dymu.Thresholds` with the model name, seed, batch size, image count and image list
+        recorded in ``extra``: calibrating again with them gives the same values.
     """
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
@@ -134,6 +159,7 @@ def calibrate(
             "world_size": world,
             "image_aspect_ratio": pipe.image_aspect_ratio,
             "images": len(dataset),
+            **image_list_record(dataset.paths),
         },
     )
 
@@ -194,7 +220,9 @@ def calibrate_from_config(cfg: Mapping) -> Thresholds:
             realised_max_images=cfg.get("realised_max_images"),
             source=f"scripts/find_thresholds.py model={model_cfg.get('name')} variant={cfg.get('variant')}",
         )
-        thresholds.extra["image_source"] = str(data["images"])
+        thresholds.extra["image_source"] = str(data["images"])  # re-lists the images (see image_list_sha256)
+        thresholds.extra["image_root"] = str(data["image_root"]) if data.get("image_root") else None
+        thresholds.extra["max_images"] = data.get("max_images")
         if not dist.is_initialized() or dist.get_rank() == 0:
             thresholds.save(output)
             logger.info("wrote %s: %d layers, target %s tokens, realised %s", output, len(thresholds.values),

@@ -1,0 +1,89 @@
+"""One-shot chat: answer a prompt about an image, report the visual tokens, save the merge map.
+
+What ``scripts/chat.py`` runs; takes plain mappings (the Hydra ``chat`` config), no Hydra import.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from dymu.vis import save_png
+
+from .factory import load_from_config
+from .model import load_image
+
+__all__ = ["ChatResult", "chat_from_config", "free_path"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChatResult:
+    """What one chat turn produced.
+
+    Attributes:
+        answer: the model's answer.
+        visual_tokens: visual tokens the LLM got for the image.
+        unmerged_visual_tokens: what the unmodified model would get (576 for LLaVA-1.5).
+        merge_map: the saved PNG, or None (``merge_map=null``, or no DToMe in the tower).
+    """
+
+    answer: str
+    visual_tokens: int
+    unmerged_visual_tokens: int
+    merge_map: Path | None
+
+    def report(self) -> str:
+        """The lines the script prints."""
+        ratio = self.visual_tokens / self.unmerged_visual_tokens
+        lines = [self.answer, "",
+                 f"visual tokens: {self.visual_tokens} (unmodified model: {self.unmerged_visual_tokens}, {ratio:.0%})"]
+        if self.merge_map is not None:
+            lines.append(f"merge map: {self.merge_map}")
+        return "\n".join(lines)
+
+
+def free_path(path: Path, overwrite: bool) -> Path:
+    """``path`` itself if it is free (or ``overwrite``), else the first free ``stem-1.png``, ``stem-2.png``, ..."""
+    if overwrite or not path.exists():
+        return path
+    k = 1
+    while (candidate := path.with_name(f"{path.stem}-{k}{path.suffix}")).exists():
+        k += 1
+    return candidate
+
+
+def chat_from_config(cfg: Mapping) -> ChatResult:
+    """Run one chat turn described by the ``chat`` config (see ``hydra_conf/chat.yaml``).
+
+    Keys: ``model``, ``dymu``, ``budget`` (config groups as in ``eval``), ``image`` (path), ``prompt``,
+    ``max_new_tokens``, ``device``, ``merge_map`` (PNG path; null: none), ``overwrite`` (replace an existing
+    PNG; otherwise a free name ``<stem>-<k>.png`` is used and nothing is lost).
+
+    Raises:
+        ValueError: an empty prompt, an unreadable image (named), or a bad budget; before the model loads
+            where possible.
+        FileNotFoundError: the image does not exist.
+    """
+    prompt = str(cfg.get("prompt") or "").strip()
+    if not prompt:
+        raise ValueError('prompt is empty; pass prompt="your question about the image".')
+    image_path = Path(str(cfg["image"]))
+    if not image_path.is_file():
+        raise FileNotFoundError(f"image {image_path} does not exist; pass image=PATH to an image file.")
+    image = load_image(image_path)  # fails clearly on a corrupt file before the model loads
+    pipe = load_from_config(cfg["model"], cfg["dymu"], device=str(cfg.get("device", "cpu")), budget=cfg.get("budget"))
+    answers, inputs = pipe.generate([prompt], [image], max_new_tokens=int(cfg.get("max_new_tokens", 128)))
+    saved = None
+    if cfg.get("merge_map"):
+        import dymu
+
+        if dymu.is_patched(pipe.tower):
+            png = pipe.merge_map(image, layers=list(cfg.get("merge_map_layers") or []) or None)
+            saved = save_png(png, free_path(Path(str(cfg["merge_map"])), bool(cfg.get("overwrite", False))))
+        else:
+            logger.warning("no merge map: dymu=%s runs the unmodified vision tower", cfg["dymu"].get("name"))
+    return ChatResult(answers[0], inputs.visual_tokens[0], inputs.unmerged_visual_tokens[0], saved)
