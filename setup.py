@@ -49,6 +49,8 @@ setup(
             "pytest",
             "hypothesis",
             "tokenizers",
+            "nbmake",  # runs notebooks/ under pytest
+            "ipykernel",
         ],
     },
 )

@@ -9,6 +9,7 @@ from ._compat import prepare_cpu_torchvision
 
 prepare_cpu_torchvision()  # before transformers is imported; a no-op unless torchvision meets a CPU-only torch
 
+from .budget import BudgetRule, TokenBudget
 from .merge import FixedRRule, ThresholdRule, TokenState, constant_schedule
 from .patch import (
     apply_dtome,
@@ -44,6 +45,8 @@ __all__ = [
     "ThresholdRule",
     "FixedRRule",
     "BatchBudgetRule",
+    "TokenBudget",
+    "BudgetRule",
     "constant_schedule",
     "layers_to_run",
     "vision_token_count",

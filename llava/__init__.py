@@ -4,6 +4,7 @@ Note: this package's import name equals upstream LLaVA's; do not install both in
 """
 
 from .conversation import build_prompt
-from .model import DyMULlava, EncodedImages, LlavaInputs, Video, expand_to_square, load_image, load_model
+from .model import DyMULlava, EncodedImages, LlavaInputs, Video, VisualBudget, expand_to_square, load_image, load_model
 
-__all__ = ["load_model", "DyMULlava", "Video", "EncodedImages", "LlavaInputs", "build_prompt", "expand_to_square", "load_image"]
+__all__ = ["load_model", "DyMULlava", "Video", "VisualBudget", "EncodedImages", "LlavaInputs", "build_prompt",
+           "expand_to_square", "load_image"]

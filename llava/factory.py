@@ -20,7 +20,7 @@ import torch
 
 from dymu.thresholds import PACKAGED_DIR, ThresholdsError
 
-from .model import DyMULlava, load_model
+from .model import DyMULlava, VisualBudget, load_model
 
 __all__ = ["load_from_config", "thresholds_source"]
 
@@ -74,8 +74,12 @@ def thresholds_source(model_cfg: Mapping, variant: str) -> str:
     return source
 
 
-def load_from_config(model_cfg: Mapping, dymu_cfg: Mapping, device: str = "cpu") -> DyMULlava:
+def load_from_config(model_cfg: Mapping, dymu_cfg: Mapping, device: str = "cpu",
+                     budget: Mapping | None = None) -> DyMULlava:
     """Load the model a ``model`` config describes, with the DyMU variant a ``dymu`` config describes.
+
+    ``budget`` (the Hydra ``budget`` group: ``threshold_scale``, ``max_visual_tokens``, ``min_visual_tokens``)
+    becomes the pipeline's default :class:`~llava.model.VisualBudget`; it is validated here, before any work.
 
     Raises:
         ValueError: unknown ``dymu.mode`` or ``model.dtype``.
@@ -97,6 +101,7 @@ def load_from_config(model_cfg: Mapping, dymu_cfg: Mapping, device: str = "cpu")
         image_aspect_ratio=model_cfg.get("image_aspect_ratio", "pad"),
         layout=model_cfg.get("layout", "faithful"),
         video_pooling=model_cfg.get("video_pooling", "merge"),
+        budget=VisualBudget.coerce(budget),
     )
     if mode == "off":
         return load_model(path, dymu=None, **kwargs)

@@ -33,7 +33,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import image_s
 
 from dymu import is_patched
 
-from .model import DyMULlava, EncodedImages, ImageLike, Video, load_image
+from .model import DyMULlava, EncodedImages, ImageLike, Video, VisualBudget, load_image
 
 __all__ = ["DyMULlavaOnevision", "build_onevision_prompt", "virtual_layout", "pooled_layout", "LAYOUTS", "VIDEO_POOLING"]
 
@@ -157,15 +157,16 @@ class DyMULlavaOnevision(DyMULlava):
             ``anyres_max_9`` downsampling; merging nothing then reproduces the unmodified model exactly.
             Frames are preprocessed as the image processor's base view (resized to 384x384, normalised).
         vtu_cache: ``"merged"`` or ``"expanded"`` KV cache, as for :class:`~llava.model.DyMULlava`.
+        budget: default :class:`~llava.model.VisualBudget` (``threshold_scale`` only, see :meth:`merge_rule`).
     """
 
     def __init__(self, model, processor, vtu: bool = True, layout: str = "faithful", video_pooling: str = "merge",
-                 vtu_cache: str = "merged"):
+                 vtu_cache: str = "merged", budget: VisualBudget | dict | None = None):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
         if video_pooling not in VIDEO_POOLING:
             raise ValueError(f"video_pooling must be one of {VIDEO_POOLING}, got {video_pooling!r}.")
-        super().__init__(model, processor, vtu=vtu, image_aspect_ratio="crop", vtu_cache=vtu_cache)
+        super().__init__(model, processor, vtu=vtu, image_aspect_ratio="crop", vtu_cache=vtu_cache, budget=budget)
         self.layout = layout
         self.video_pooling = video_pooling
         self.host = model.model
@@ -176,6 +177,20 @@ class DyMULlavaOnevision(DyMULlava):
 
     def preprocess(self, images: Sequence[ImageLike]):
         raise NotImplementedError("LLaVA-OneVision preprocesses per prompt (AnyRes); use encode_prompt_images.")
+
+    def merge_rule(self, batch_size: int, budget: VisualBudget | dict | None = None, counts=None, images=None):
+        """As :meth:`DyMULlava.merge_rule`, for a batch of crops / frames; ``threshold_scale`` only.
+
+        Raises:
+            NotImplementedError: ``max_visual_tokens`` / ``min_visual_tokens``: an image's visual tokens here
+                span its AnyRes crops, ``image_newline`` tokens and downsampled positions, so encoder-side
+                bounds would not be exact in LLM tokens.
+        """
+        budget = VisualBudget.coerce(budget if budget is not None else (self._request_budget or self.budget))
+        if budget.max_visual_tokens is not None or budget.min_visual_tokens is not None:
+            raise NotImplementedError("max_visual_tokens / min_visual_tokens are exact for LLaVA-1.5 only; with "
+                                      "LLaVA-OneVision use threshold_scale to trade tokens for detail.")
+        return super().merge_rule(batch_size, budget, counts, images)
 
     def crops(self, image: ImageLike) -> torch.Tensor:
         """``(n_crops, 3, 384, 384)``: the base image and AnyRes grid crops of a single-image prompt."""
@@ -247,9 +262,11 @@ class DyMULlavaOnevision(DyMULlava):
         """
         if self.model.config.vision_feature_select_strategy != "full":
             raise NotImplementedError("LLaVA-OneVision with DToMe expects vision_feature_select_strategy='full'.")
+        if not torch.isfinite(crops).all():
+            raise ValueError("pixel values contain NaN or infinite values; check the image preprocessing.")
         crops = crops.to(self.device, self.dtype)
         if is_patched(self.tower):
-            out = self.tower(crops)
+            out = self.tower(crops, merge_rule=self.merge_rule(crops.shape[0]))
             tokens, group_ids = out.last_hidden_state, out.group_ids
             n = tokens.shape[1]
             lengths = out.padding_mask.sum(-1).tolist() if out.padding_mask is not None else [n] * crops.shape[0]

@@ -3,12 +3,14 @@
     python scripts/eval.py model=llava15 dymu=mid benchmark=sample
     python scripts/eval.py model=llava15_tiny dymu=mid benchmark=sample      # offline, embedded tiny model
     python scripts/eval.py -m model=llava15_tiny dymu=off,low,mid,high,tome_94   # several variants
+    python scripts/eval.py model=llava15_tiny dymu=mid budget.max_visual_tokens=64  # per-image token budget
 
 Writes predictions.jsonl and metrics.json under output_dir (re-running resumes), logs to wandb (offline by
 default; wandb.mode=disabled turns it off). Config: hydra_conf/eval.yaml.
 """
 
 import _bootstrap  # noqa: F401 - first: keeps this file from shadowing the `eval` package
+import eval  # noqa: F401 - registers the config resolvers hydra_conf/eval.yaml uses
 import hydra
 from omegaconf import DictConfig
 

@@ -8,6 +8,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
+import eval  # noqa: F401 - registers the resolvers the configs use (scripts/eval.py imports it too)
 from conftest import REPO
 
 CONF = REPO / "hydra_conf"
@@ -98,3 +99,14 @@ def test_ablation_vtu_arms_get_distinct_run_names(tmp_path):
     on = composed("eval", ["experiment=ablation_vtu", "dymu=mid", "dymu.vtu=true", "benchmark=sample"])
     off = composed("eval", ["experiment=ablation_vtu", "dymu=mid", "dymu.vtu=false", "benchmark=sample"])
     assert on.output_dir != off.output_dir and on.wandb.name == "mid-vtu_True-sample"
+
+
+def test_chat_config_composes_and_budget_names_the_run(tmp_path):
+    cfg = composed("chat", ["model=llava15_tiny", "image=x.jpg", "prompt=hi", f"paths.output_dir={tmp_path}"])
+    assert cfg.merge_map == f"{tmp_path}/chat/llava15_tiny/mid/merge_map.png" and cfg.budget.max_visual_tokens is None
+    plain = composed("eval", ["dymu=mid"])
+    assert plain.run_name == "mid"
+    budgeted = composed("eval", ["dymu=mid", "budget.threshold_scale=1.1", "budget.max_visual_tokens=64"])
+    assert budgeted.run_name == "mid-s1.1-max64" and budgeted.output_dir.endswith("/mid-s1.1-max64/sample")
+    ablation = composed("eval", ["experiment=ablation_vtu", "budget.min_visual_tokens=8"])
+    assert ablation.run_name.endswith("-min8")

@@ -124,3 +124,23 @@ def test_remove_restores_stock_classes(tiny_path):
     original = {name: type(m) for name, m in llava.load_model(tiny_path, vtu=False).model.named_modules()}
     dymu.remove(pipe.model)
     assert {name: type(m) for name, m in pipe.model.named_modules()} == original
+
+
+def test_vtu_returns_hidden_states_like_the_stock_model(tiny_path):
+    """output_hidden_states under VTU: the host's tuple convention; nothing merged -> the stock states."""
+    stock = llava.load_model(tiny_path, dymu=None, vtu=False)
+    pipe = llava.load_model(tiny_path, dymu=merge_nothing(stock), vtu=True)
+    inputs = pipe.build_inputs([llava.build_prompt(QUESTIONS[0])], [[IMAGES[0]]])
+    with torch.no_grad():
+        ours = pipe.model(**inputs.model_kwargs(), output_hidden_states=True).hidden_states
+        ref = stock.model(**stock_inputs(stock, QUESTIONS[0], IMAGES[0]), output_hidden_states=True).hidden_states
+    assert ours is not None and len(ours) == len(ref) == stock.model.config.text_config.num_hidden_layers + 1
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    merged = llava.load_model(tiny_path, dymu=tiny_path / "thresholds" / "low.json", vtu=True)
+    inputs = merged.build_inputs([llava.build_prompt(QUESTIONS[0])], [[IMAGES[0]]])
+    with torch.no_grad():
+        states = merged.model(**inputs.model_kwargs(), output_hidden_states=True).hidden_states
+    assert all(s.shape[1] == inputs.vtu.merged_length for s in states)  # merged length (expand maps them back)
+    with pytest.raises(NotImplementedError, match="attention weights"):
+        merged.model(**inputs.model_kwargs(), output_attentions=True)

@@ -192,6 +192,19 @@ class VTUDecoderMixin:
 
     def _run_layers(self, hidden_states, masks, layer_types, position_embeddings, positions, past_key_values,
                     use_cache, vtu, **kwargs) -> BaseModelOutputWithPast:
+        """The decoder layers over merged rows. ``output_hidden_states=True`` (or the config's flag) returns the
+        host's tuple convention at the merged length: the input of layer 0, then every layer's output, the last
+        one after the final norm, each ``(B, L_m, C)`` (``dymu.vtu.expand`` maps them to the virtual layout).
+
+        Raises:
+            NotImplementedError: ``output_attentions=True`` (VTU's attention weights live at the virtual length
+                and are not collected).
+        """
+        if kwargs.pop("output_attentions", None):
+            raise NotImplementedError("VTU does not return attention weights; run without output_attentions.")
+        collect = kwargs.pop("output_hidden_states", None)
+        collect = self.config.output_hidden_states if collect is None else collect
+        states = [hidden_states] if collect else None
         for layer, layer_type in zip(self.layers[: self.config.num_hidden_layers], layer_types):
             hidden_states = layer(
                 hidden_states,
@@ -203,7 +216,13 @@ class VTUDecoderMixin:
                 vtu=vtu,
                 **kwargs,
             )
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+            if states is not None:
+                states.append(hidden_states)
+        last = self.norm(hidden_states)
+        if states is not None:
+            states[-1] = last
+        return BaseModelOutputWithPast(last_hidden_state=last, past_key_values=past_key_values,
+                                       hidden_states=tuple(states) if states is not None else None)
 
     def _install_merged_cache(self, cache, vtu: VTUInputs, position_embeddings, layer_types) -> None:
         """Replace the empty layers of a ``DynamicCache`` by merged layers (else keep the expanded cache)."""
