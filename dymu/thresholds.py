@@ -112,10 +112,36 @@ class Thresholds:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.values = [float(v) for v in self.values]
+        """Validate the fields.
+
+        Raises:
+            ThresholdsError: ``values`` is not a non-empty list of finite numbers in ``[-1, 1]`` (thresholds
+                are cosine similarities; calibrated ones lie in ``[0, 1]``), or there are more values than
+                ``num_layers``.
+        """
+        if isinstance(self.values, (str, bytes, dict)) or not hasattr(self.values, "__iter__"):
+            raise ThresholdsError(f"thresholds 'values' must be a list of numbers, got {self.values!r}.")
+        try:
+            self.values = [float(v) for v in self.values]
+        except (TypeError, ValueError) as err:
+            raise ThresholdsError(f"thresholds 'values' must be numbers ({err}): {self.values!r}.") from err
+        if not self.values:
+            raise ThresholdsError("thresholds 'values' is empty; it needs one value per encoder layer.")
         bad = [i for i, v in enumerate(self.values) if not math.isfinite(v)]
         if bad:
             raise ThresholdsError(f"thresholds must be finite numbers; layers {bad} are not: {self.values}")
+        bad = [i for i, v in enumerate(self.values) if not -1.0 <= v <= 1.0]
+        if bad:
+            raise ThresholdsError(
+                f"thresholds are cosine similarities and must lie in [-1, 1]; layers {bad} hold "
+                f"{[self.values[i] for i in bad]}. Re-create the file with scripts/find_thresholds.py "
+                "(calibrated thresholds lie in [0, 1]); 1.0 merges nothing."
+            )
+        if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) or self.num_layers < 1:
+            raise ThresholdsError(f"thresholds 'num_layers' must be a positive integer, got {self.num_layers!r}.")
+        if len(self.values) > self.num_layers:
+            raise ThresholdsError(f"{len(self.values)} thresholds for an encoder of {self.num_layers} layers; the "
+                                  "file is inconsistent: re-create it with scripts/find_thresholds.py.")
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> Path:
@@ -133,8 +159,8 @@ class Thresholds:
         """Read a thresholds JSON file.
 
         Raises:
-            ThresholdsError: the file is missing, not JSON, not a DyMU thresholds file, or has missing /
-                unknown fields.
+            ThresholdsError: the file is missing, not JSON, not a DyMU thresholds file, has missing /
+                unknown fields, or invalid values (see :class:`Thresholds`; the message names the file).
         """
         path = Path(path)
         if not path.is_file():
@@ -161,6 +187,8 @@ class Thresholds:
             return cls(**payload)
         except TypeError as err:
             raise ThresholdsError(f"{path} is missing required fields: {err}") from err
+        except ThresholdsError as err:
+            raise ThresholdsError(f"{path}: {err}") from err
 
     @classmethod
     def packaged(cls, name: str) -> "Thresholds":
@@ -216,6 +244,13 @@ class BatchBudgetRule:
         return selected
 
 
+def _check_finite(pixels: torch.Tensor) -> None:
+    """Raise ValueError if a calibration batch holds NaN / inf (checked before it moves to the device)."""
+    if not torch.isfinite(pixels).all():
+        raise ValueError(f"a calibration batch of shape {tuple(pixels.shape)} holds NaN or infinite pixel values; "
+                         "thresholds calibrated on it would be garbage. Check the images and the preprocessing.")
+
+
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -259,7 +294,7 @@ def find_thresholds(
 
     Raises:
         ValueError: neither or both of ``target_tokens`` / ``schedule``; a schedule of the wrong length
-            or one that asks more merges than a layer can make; no batches.
+            or one that asks more merges than a layer can make; no batches; a batch with NaN / inf pixels.
     """
     from .patch import apply_dtome, encoder_spec, is_patched, layers_to_run, remove  # patch imports us
 
@@ -297,6 +332,7 @@ def find_thresholds(
     try:
         n_images = torch.zeros((), dtype=torch.float64, device=device)
         for pixels in tqdm(batches, desc="calibrating thresholds", unit="batch", disable=not (progress and rank0)):
+            _check_finite(pixels)
             vision_model.dtome_forward(pixels.to(device=device, dtype=dtype), merge_rule=rule)
             n_images += pixels.shape[0]
         _all_reduce(rule.sums)
@@ -312,6 +348,7 @@ def find_thresholds(
             infer = ThresholdRule(values)
             for pixels in tqdm(realised_batches, desc="measuring token counts", unit="batch",
                                disable=not (progress and rank0)):
+                _check_finite(pixels)
                 out = vision_model.dtome_forward(pixels.to(device=device, dtype=dtype), merge_rule=infer)
                 n = out.padding_mask.sum(-1) if out.padding_mask is not None else torch.full(
                     (pixels.shape[0],), out.last_hidden_state.shape[1], device=device)

@@ -9,15 +9,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from llava.factory import load_from_config
 
-from .runner import PREDICTIONS, read_predictions, run_benchmark
+from .runner import PREDICTIONS, Generate, check_output_dir, read_predictions, run_benchmark
 from .tracking import init_wandb, log_results
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "make_generate", "check_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     Returns:
         The metrics dict.
+
+    Raises:
+        ValueError / FileExistsError: bad settings (see :func:`check_config`), before any work.
+        FileNotFoundError / ValueError: the benchmark's data is missing or malformed (before the model loads).
+        ThresholdsError / OSError: the model or its thresholds cannot be loaded.
     """
+    check_config(cfg)
     torch.manual_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
     device, started = _join_process_group(str(cfg.device))
@@ -55,13 +62,14 @@ def _join_process_group(device: str) -> tuple[str, bool]:
 
 def _evaluate(cfg: DictConfig, output_dir: Path, device: str) -> dict[str, Any]:
     rank = dist.get_rank() if dist.is_initialized() else 0
-    pipe = load_from_config(cfg.model, cfg.dymu, device=device)
-    benchmark = instantiate(cfg.benchmark.task)
-
-    def generate(prompts, visual_inputs, max_new_tokens):
-        limit = cfg.max_new_tokens if cfg.max_new_tokens is not None else max_new_tokens
-        answers, inputs = pipe.generate(prompts, visual_inputs, max_new_tokens=limit)
-        return answers, inputs.visual_tokens
+    try:  # first: missing / malformed data fails before the model loads, with the benchmark's own message
+        benchmark = instantiate(cfg.benchmark.task)
+    except InstantiationException as err:
+        if err.__cause__ is None:
+            raise
+        raise err.__cause__ from None
+    pipe = load_from_config(cfg.model, cfg.dymu, device=device, budget=cfg.get("budget"))
+    generate = make_generate(pipe, cfg.max_new_tokens)
 
     run = init_wandb(cfg.wandb, OmegaConf.to_container(cfg, resolve=True), output_dir) if rank == 0 else None
     metrics = run_benchmark(
@@ -72,9 +80,56 @@ def _evaluate(cfg: DictConfig, output_dir: Path, device: str) -> dict[str, Any]:
         limit=cfg.limit,
         resume=cfg.resume,
         progress=True,
+        retry_failed=bool(cfg.get("retry_failed", False)),
     )
     if rank == 0:
         records = read_predictions(output_dir / PREDICTIONS)
         log_results(run, metrics, [r["visual_tokens"] for r in records if r.get("visual_tokens") is not None])
         logger.info("%s / %s / %s: %s", cfg.model.name, cfg.dymu.name, benchmark.name, metrics)
     return metrics
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail before any work (model loading, evaluation) on settings that cannot run.
+
+    Raises:
+        ValueError: ``batch_size`` < 1, ``limit`` < 0 or ``max_new_tokens`` < 1.
+        FileExistsError: ``output_dir`` holds predictions and ``resume`` is false (nothing is overwritten).
+    """
+    if int(cfg.batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}.")
+    if cfg.limit is not None and int(cfg.limit) < 0:
+        raise ValueError(f"limit must be null (all samples) or >= 0, got {cfg.limit}.")
+    if cfg.max_new_tokens is not None and int(cfg.max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be null (the benchmark's own) or >= 1, got {cfg.max_new_tokens}.")
+    check_output_dir(cfg.output_dir, bool(cfg.resume))
+
+
+def make_generate(pipe, max_new_tokens: int | None = None) -> Generate:
+    """The runner's ``generate`` for a loaded pipeline (:func:`llava.load_model`).
+
+    Args:
+        pipe: the model; its ``generate(prompts, visual_inputs, max_new_tokens=...)`` returns
+            ``(answers, inputs)``.
+        max_new_tokens: answer length for every benchmark (``None``: the benchmark's own).
+
+    Returns:
+        ``(prompts, visual inputs, benchmark max_new_tokens) -> (answers, visual tokens per sample)``. It raises
+        ``FloatingPointError`` when the merged input embeddings hold NaN / inf (e.g. a vision tower overflowing
+        in float16, or corrupt weights), so the runner records those samples as failed instead of scoring
+        garbage answers.
+    """
+
+    def generate(prompts, visual_inputs, benchmark_max_new_tokens):
+        limit = max_new_tokens if max_new_tokens is not None else benchmark_max_new_tokens
+        answers, inputs = pipe.generate(prompts, visual_inputs, max_new_tokens=limit)
+        embeds = getattr(inputs, "inputs_embeds", None)
+        if embeds is not None and not torch.isfinite(embeds).all():
+            raise FloatingPointError(
+                "the input embeddings (text + visual tokens) hold NaN or inf, so the answer would be garbage: "
+                "the vision tower / projector overflowed or the weights are corrupt. Try model.dtype=float32 or "
+                "bfloat16, and check the checkpoint."
+            )
+        return answers, inputs.visual_tokens
+
+    return generate

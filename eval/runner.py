@@ -2,7 +2,8 @@
 
 Resumable: every finished sample is appended to ``predictions.jsonl`` (flushed and fsynced), and a run started
 again with the same output directory evaluates only the samples not yet there. A sample that fails is
-recorded with its error (``prediction: null``) and counted; the others are still scored.
+recorded with its error (``prediction: null``) and counted; the others are still scored. A resumed run keeps
+failed records as they are (a corrupt file would fail again on every resume); ``retry_failed=True`` redoes them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .benchmarks.base import Benchmark, Sample
 
-__all__ = ["run_benchmark", "read_predictions", "summarise"]
+__all__ = ["run_benchmark", "read_predictions", "summarise", "check_output_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,19 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def check_output_dir(output_dir: str | os.PathLike, resume: bool) -> None:
+    """Refuse to start over predictions of an earlier run unless resuming (call it before any work).
+
+    Raises:
+        FileExistsError: ``predictions.jsonl`` (or a rank file) exists in ``output_dir`` and ``resume`` is False.
+    """
+    output_dir = Path(output_dir)
+    pred_path = output_dir / PREDICTIONS
+    if not resume and (pred_path.exists() or any(output_dir.glob("predictions.rank*.jsonl"))):
+        raise FileExistsError(f"{pred_path} exists; pass resume=true to continue it (nothing is overwritten), or "
+                              "choose another output_dir.")
+
+
 def run_benchmark(
     generate: Generate,
     benchmark: Benchmark,
@@ -126,6 +140,7 @@ def run_benchmark(
     resume: bool = True,
     progress: bool = True,
     on_record: Callable[[dict], None] | None = None,
+    retry_failed: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``benchmark`` with ``generate`` and write ``predictions.jsonl`` and ``metrics.json``.
 
@@ -145,6 +160,8 @@ def run_benchmark(
         resume: continue existing predictions; if False and predictions exist, refuse.
         progress: tqdm bar (rank 0).
         on_record: called with each new record of this rank (e.g. to log to wandb).
+        retry_failed: evaluate again the samples recorded with an error (default: keep them as recorded);
+            their new records replace the old ones in ``predictions.jsonl``.
 
     Returns:
         The metrics dict (also written to ``metrics.json``).
@@ -153,17 +170,22 @@ def run_benchmark(
         FileExistsError: predictions exist and ``resume`` is False.
     """
     rank, world = _dist()
+    check_output_dir(output_dir, resume)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     pred_path = output_dir / PREDICTIONS
     existing = [pred_path, *sorted(output_dir.glob("predictions.rank*.jsonl"))]
-    if not resume and any(p.exists() for p in existing):
-        raise FileExistsError(f"{pred_path} exists; pass resume=true to continue it, or choose another output_dir.")
     samples = benchmark.samples()
     if limit is not None:
         samples = samples[:limit]
     wanted = {s.id for s in samples}
-    records = {r["id"]: r for p in existing for r in read_predictions(p) if r["id"] in wanted}
+    on_disk = {r["id"]: r for p in existing for r in read_predictions(p)}  # a later line wins (a retried sample)
+    records = {i: r for i, r in on_disk.items() if i in wanted}
+    retried = [i for i, r in records.items() if r.get("error")] if retry_failed else []
+    for i in retried:
+        del records[i]
+    if retried and rank == 0:
+        logger.info("retrying %d failed samples", len(retried))
     todo = [s for s in samples if s.id not in records]
     if records and rank == 0:
         logger.info("resuming: %d of %d samples already in %s", len(records), len(samples), output_dir)
@@ -198,8 +220,9 @@ def run_benchmark(
         order = {s.id: i for i, s in enumerate(samples)}
         ordered = sorted(records.values(), key=lambda r: order[r["id"]])
         rank_files = sorted(output_dir.glob("predictions.rank*.jsonl"))  # all ranks are past the gather
-        if rank_files:  # merge them into one predictions.jsonl
-            _write_atomic(pred_path, "".join(json.dumps(r) + "\n" for r in ordered))
+        if rank_files or retried:  # one predictions.jsonl, one line per sample; records beyond `limit` are kept
+            kept = sorted({**on_disk, **records}.values(), key=lambda r: order.get(r["id"], len(order)))
+            _write_atomic(pred_path, "".join(json.dumps(r) + "\n" for r in kept))
             for path in rank_files:
                 path.unlink()
         metrics = summarise(ordered, benchmark)
@@ -218,6 +241,9 @@ def _run_batch(generate: Generate, benchmark: Benchmark, batch: list[Sample]) ->
     start = time.perf_counter()
     try:
         answers, tokens = generate(prompts, inputs, benchmark.max_new_tokens)
+        if len(answers) != len(batch) or len(tokens) != len(batch):
+            raise RuntimeError(f"generate returned {len(answers)} answers and {len(tokens)} token counts for "
+                               f"{len(batch)} samples")
         seconds = (time.perf_counter() - start) / len(batch)
         return [_record(s, a, t, seconds, None) for s, a, t in zip(batch, answers, tokens)]
     except Exception as err:  # noqa: BLE001 - recorded per sample below
