@@ -28,7 +28,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..kv_cache import MergedKVLayer, VirtualPrompt, merged_decode_attention
+from ..kv_cache import MergedKVLayer, VirtualPrompt, decode_bias, merged_decode_attention
 from ..vtu import VTUInputs, exact_attention, expand, remerge
 
 __all__ = ["VTUAttentionMixin", "VTUDecoderMixin", "VTURootMixin"]
@@ -51,7 +51,7 @@ class VTUAttentionMixin:
           decomposition when ``vtu.mode == "exact"``);
         - outputs are averaged per group back to ``L_m`` tokens before ``o_proj``.
     Decode steps over a merged cache (``vtu`` given, the layer's cache already holds the prompt) run
-    :func:`~dymu.kv_cache.merged_decode_attention` with the ``(B, T, L + S)`` additive mask the decoder built.
+    :func:`~dymu.kv_cache.merged_decode_attention` with the additive mask the decoder built.
     Without ``vtu`` (decode steps over an expanded cache, or plain use) the host forward runs unchanged.
     Set by :func:`dymu.apply_vtu`: ``_dymu_rope`` (the host module's ``apply_rotary_pos_emb``) and
     ``_dymu_eager`` (its ``eager_attention_forward``).
@@ -129,8 +129,9 @@ class VTUDecoderMixin:
           positions (``vtu.attention_mask``, ``vtu.position_ids``); ``vtu`` is passed to every layer. With
           ``vtu.cache == "merged"`` and a ``DynamicCache`` (what ``generate`` makes), each cache layer is
           replaced by a :class:`~dymu.kv_cache.MergedKVLayer` sharing the prompt's layout and RoPE tables;
-        - decode over a merged cache: the layers run with ``vtu`` and a ``(B, T, L + S)`` additive mask (virtual
-          prompt padding, then ``generate``'s 2-D mask for the decode tokens, causal among them); RoPE tables
+        - decode over a merged cache: the layers run with ``vtu`` and a ``(B, T, L_m + S + P)`` additive mask
+          (:func:`~dymu.kv_cache.decode_bias`: stored rows, ``generate``'s 2-D mask for the decode tokens, causal
+          among them, then the positions of multi-member groups); RoPE tables
           at ``position_ids`` (``generate`` continues them from the last prompt position);
         - decode over an expanded cache: the host's 2-D mask covers ``L_m`` prompt slots plus the new tokens;
           it is rewritten to ``vtu.attention_mask`` plus the new tokens, so it matches the length-``L`` cache;
@@ -233,7 +234,8 @@ class VTUDecoderMixin:
                 _WARNED.add(reason)
             return
         cos, sin = position_embeddings
-        prompt = VirtualPrompt.from_host(vtu.group_index.to(cos.device), vtu.attention_mask.to(cos.device), cos, sin)
+        prompt = VirtualPrompt.from_host(vtu.group_index.to(cos.device), vtu.attention_mask.to(cos.device), cos, sin,
+                                         merged_length=vtu.merged_length)
         cache.layers = [MergedKVLayer(prompt, vtu.merged_length) for _ in range(self.config.num_hidden_layers)]
 
     def _decode_merged(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, vtu, **kwargs):
@@ -253,9 +255,7 @@ class VTUDecoderMixin:
             position_ids = real[:, -t:].clamp_min(0)
         s = tail_mask.shape[1]
         causal = torch.ones(t, s, dtype=torch.bool, device=tail_mask.device).tril(diagonal=s - t)
-        allowed = torch.cat([prompt_mask[:, None, :].expand(bsz, t, -1), tail_mask[:, None, :] & causal], dim=-1)
-        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
-        bias.masked_fill_(~allowed, torch.finfo(torch.float32).min)  # (B, T, L + S), shared by every layer
+        bias = decode_bias(first.prompt, tail_mask[:, None, :] & causal)  # (B, T, L_m + S + P), every layer
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         layer_types = ["full_attention"] * self.config.num_hidden_layers
         return self._run_layers(inputs_embeds, {"full_attention": bias}, layer_types, position_embeddings,
