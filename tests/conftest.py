@@ -35,3 +35,28 @@ def tiny_ov_path(tmp_path_factory) -> Path:
     from llava.tiny import build_tiny_llava_onevision
 
     return build_tiny_llava_onevision(tmp_path_factory.mktemp("tiny_ov") / "llava_ov_tiny")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny models on one thread: a second barely helps and stalls badly on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_batch_equals_singles(out, singles, lengths) -> None:
+    """Each image encoded alone (``singles``, DToMe tower outputs of batch 1) equals its row of the batched
+    output ``out``: same groups and sizes, features and pooled output within 1e-5."""
+    import torch
+
+    for i, single in enumerate(singles):
+        n = int(lengths[i])
+        assert single.padding_mask is None and single.last_hidden_state.shape[1] == n
+        assert torch.equal(single.group_ids[0], out.group_ids[i])
+        assert torch.equal(single.token_sizes[0], out.token_sizes[i, :n])
+        torch.testing.assert_close(single.last_hidden_state[0], out.last_hidden_state[i, :n], rtol=0, atol=1e-5)
+        torch.testing.assert_close(single.pooler_output[0], out.pooler_output[i], rtol=0, atol=1e-5)

@@ -16,13 +16,7 @@ from llava.calibrate import MAX_LISTED_IMAGES, calibrate, calibrate_from_config,
 MAX_NEW = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: a second thread barely helps and stalls badly when the 2 CPU cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second thread only adds overhead
 
 
 def _image(name: str, size: tuple[int, int] | None = None) -> Image.Image:

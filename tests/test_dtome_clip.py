@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 import dymu
+from conftest import assert_batch_equals_singles
 from dymu import Thresholds, ThresholdsError, encoder_fingerprint
 
 IMAGE, PATCH, LAYERS = 32, 4, 4
@@ -148,13 +149,7 @@ def test_batch_equals_single_image(attn, feature_layer):
     lengths = _lengths(out)
     assert len(set(lengths.tolist())) > 1, "images should keep different lengths"
     assert out.padding_mask is not None and (out.token_sizes[~out.padding_mask] == 0).all()
-    for i, single in enumerate(singles):
-        n = int(lengths[i])
-        assert single.padding_mask is None and single.last_hidden_state.shape[1] == n
-        assert torch.equal(single.group_ids[0], out.group_ids[i])
-        assert torch.equal(single.token_sizes[0], out.token_sizes[i, :n])
-        torch.testing.assert_close(single.last_hidden_state[0], out.last_hidden_state[i, :n], rtol=0, atol=1e-5)
-        torch.testing.assert_close(single.pooler_output[0], out.pooler_output[i], rtol=0, atol=1e-5)
+    assert_batch_equals_singles(out, singles, lengths)
 
 
 def test_token_count_decreases_with_threshold(attn):

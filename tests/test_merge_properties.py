@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 import dymu
+from conftest import assert_batch_equals_singles
 from dymu.merge import TokenState, attention_bias, bipartite_match, merge_tokens, select_above_threshold
 
 PROFILE = dict(deadline=None, derandomize=True, database=None,
@@ -24,13 +25,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS32 = torch.finfo(torch.float32).eps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: extra threads only add overhead (and stall on a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second thread only adds overhead
 
 
 # --------------------------------------------------------------------------- random valid states
@@ -475,11 +470,5 @@ def test_patched_clip_bookkeeping_and_batch_independence(kinds, feature_layer, a
     _check_state(out.last_hidden_state, state, N0, protect_first=True)
     lengths = _valid(state).sum(-1)
     assert (lengths >= 1 + (N0 - 1) // 2 ** n_run).all()  # at most half the patches merge per layer
-    for i, single in enumerate(singles):
-        n = int(lengths[i])
-        assert single.padding_mask is None and single.last_hidden_state.shape[1] == n
-        assert torch.equal(single.group_ids[0], out.group_ids[i])
-        assert torch.equal(single.token_sizes[0], out.token_sizes[i, :n])
-        torch.testing.assert_close(single.last_hidden_state[0], out.last_hidden_state[i, :n], rtol=0, atol=1e-5)
-        torch.testing.assert_close(single.pooler_output[0], out.pooler_output[i], rtol=0, atol=1e-5)
+    assert_batch_equals_singles(out, singles, lengths)
 
