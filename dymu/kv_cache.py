@@ -55,10 +55,9 @@ class VirtualPrompt:
     Attributes:
         group_index: ``(B, L)`` long, merged row of each virtual position.
         attention_mask: ``(B, L)`` bool, real virtual positions.
-        rope: ``(B, L, D)`` ``[cos | sin]`` of the RoPE frequencies at the virtual positions (model dtype): the
-            first halves of the host's ``rotate_half``-layout tables (``cos = [c, c]``, ``sin = [s, s]``).
-        row_rope: ``(B, L_m, D)`` the rotation each merged row is stored with: a singleton's position, the
-            identity (``cos = 1, sin = 0``) for other rows.
+        row_rope: ``(B, L_m, D)`` the rotation each merged row is stored with, as ``[cos | sin]`` halves of the
+            host's ``rotate_half``-layout tables (``cos = [c, c]``, ``sin = [s, s]``, model dtype): a singleton's
+            position, the identity (``cos = 1, sin = 0``) for other rows.
         row_bias: ``(B, L_m)`` float32 additive decode mask of the stored rows: 0 for singletons, ``finfo.min``
             for multi-member and padding rows (those are read through their virtual positions).
         multi_rows: ``(B, G)`` long, the merged rows of the multi-member groups (padded with row 0).
@@ -69,7 +68,6 @@ class VirtualPrompt:
 
     group_index: torch.Tensor
     attention_mask: torch.Tensor
-    rope: torch.Tensor
     row_rope: torch.Tensor
     row_bias: torch.Tensor
     multi_rows: torch.Tensor
@@ -120,7 +118,7 @@ class VirtualPrompt:
             multi_index[i, : q.numel()] = compact[group_index[i, q]]
             multi_rope[i, : q.numel()] = rope[i, q]
             multi_bias[i, : q.numel()] = 0.0
-        return cls(group_index, mask, rope, row_rope, row_bias, multi_rows, multi_index, multi_rope, multi_bias)
+        return cls(group_index, mask, row_rope, row_bias, multi_rows, multi_index, multi_rope, multi_bias)
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> VirtualPrompt:
         """A copy with ``fn`` applied along the batch dimension of every field (beam search, batch selection)."""
