@@ -60,3 +60,13 @@ def assert_batch_equals_singles(out, singles, lengths) -> None:
         assert torch.equal(single.token_sizes[0], out.token_sizes[i, :n])
         torch.testing.assert_close(single.last_hidden_state[0], out.last_hidden_state[i, :n], rtol=0, atol=1e-5)
         torch.testing.assert_close(single.pooler_output[0], out.pooler_output[i], rtol=0, atol=1e-5)
+
+
+def uniform_thresholds(vision_config, value: float, feature_layer: int):
+    """``dymu.Thresholds`` with the same ``value`` at every layer of the encoder ``vision_config`` describes
+    (1.0 merges nothing: scores are clamped to [-1, 1] and the rule is strict)."""
+    import dymu
+
+    n = vision_config.num_hidden_layers
+    return dymu.Thresholds(values=[value] * n, encoder=dymu.encoder_fingerprint(vision_config), num_layers=n,
+                           feature_layer=feature_layer)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import dymu
 import llava
-from conftest import REPO, SAMPLE_IMAGES
+from conftest import REPO, SAMPLE_IMAGES, uniform_thresholds
 from dymu.budget import TokenBudget, min_reachable_tokens
 from test_scripts import run_script
 
@@ -126,10 +126,8 @@ def test_budget_needs_dtome_and_scale_needs_thresholds(tiny_path):
 
 
 def test_onevision_takes_threshold_scale_only(tiny_ov_path):
-    base = llava.load_model(tiny_ov_path, vtu=False)
-    vis = base.model.config.vision_config
-    n = vis.num_hidden_layers
-    thresholds = dymu.Thresholds(values=[0.6] * n, encoder=dymu.encoder_fingerprint(vis), num_layers=n, feature_layer=-1)
+    vision = llava.load_model(tiny_ov_path, vtu=False).model.config.vision_config
+    thresholds = uniform_thresholds(vision, 0.6, feature_layer=-1)
     pipe = llava.load_model(tiny_ov_path, dymu=thresholds, vtu=True)
     image = SAMPLE_IMAGES / "coffee.jpg"
     prompt = [pipe.prompt("What is it?")]

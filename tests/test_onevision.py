@@ -7,7 +7,7 @@ from PIL import Image
 
 import dymu
 import llava
-from conftest import SAMPLE_IMAGES
+from conftest import SAMPLE_IMAGES, uniform_thresholds
 from llava.onevision import _MIXED, _NEWLINE, build_onevision_prompt, virtual_layout
 
 QUESTION = "What is this?"
@@ -23,9 +23,7 @@ IMAGES = {"unpad": ("chelsea", None), "unpad_strong": ("page", None), "downsampl
 
 
 def merge_nothing(pipe) -> dymu.Thresholds:
-    vis = pipe.model.config.vision_config
-    return dymu.Thresholds(values=[1.0] * vis.num_hidden_layers, encoder=dymu.encoder_fingerprint(vis),
-                           num_layers=vis.num_hidden_layers, feature_layer=-1)
+    return uniform_thresholds(pipe.model.config.vision_config, 1.0, feature_layer=-1)
 
 
 def stock_logits(stock, image):
@@ -85,9 +83,7 @@ def test_virtual_layout_keys(tiny_ov_path):
 @pytest.mark.parametrize("layout", ["faithful", "paper"])
 def test_merging_batch_equals_single(tiny_ov_path, layout):
     base = llava.load_model(tiny_ov_path, vtu=False)
-    vis = base.model.config.vision_config
-    n = vis.num_hidden_layers
-    thresholds = dymu.Thresholds(values=[0.6] * n, encoder=dymu.encoder_fingerprint(vis), num_layers=n, feature_layer=-1)
+    thresholds = uniform_thresholds(base.model.config.vision_config, 0.6, feature_layer=-1)
     pipe = llava.load_model(tiny_ov_path, dymu=thresholds, vtu=True, layout=layout)
     images = [SAMPLE_IMAGES / "chelsea.jpg", SAMPLE_IMAGES / "page.jpg", SAMPLE_IMAGES / "coffee.jpg"]
     answers, inputs = pipe.generate([QUESTION] * 3, images, max_new_tokens=4)
@@ -151,9 +147,7 @@ def test_video_merge_mode_replaces_pooling_and_batches_with_images(tiny_ov_path)
     prompt = build_onevision_prompt("What happens?", ["<video>"])
     unmerged = nothing.build_inputs([prompt], [[video]])
     assert unmerged.visual_tokens == [4 * 729 + 1]  # every frame patch (no pooling) and one newline
-    vis = base.model.config.vision_config
-    n = vis.num_hidden_layers
-    merging = dymu.Thresholds(values=[0.6] * n, encoder=dymu.encoder_fingerprint(vis), num_layers=n, feature_layer=-1)
+    merging = uniform_thresholds(base.model.config.vision_config, 0.6, feature_layer=-1)
     pipe = llava.load_model(tiny_ov_path, dymu=merging, vtu=True)
     answers, batch = pipe.generate(["What happens?", QUESTION], [video, SAMPLE_IMAGES / "coffee.jpg"], max_new_tokens=3)
     assert batch.vtu.virtual_length >= unmerged.vtu.virtual_length

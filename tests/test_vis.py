@@ -5,9 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-import dymu
 import llava
-from conftest import REPO, SAMPLE_IMAGES
+from conftest import REPO, SAMPLE_IMAGES, uniform_thresholds
 from dymu import vis
 from test_scripts import run_script
 
@@ -85,11 +84,8 @@ def test_pipeline_merge_map_png_llava15_and_onevision_crops(pipe, tiny_ov_path, 
     with pytest.raises(FileExistsError, match="overwrite=True"):
         vis.save_png(png, path, overwrite=False)
 
-    base = llava.load_model(tiny_ov_path, vtu=False)
-    config = base.model.config.vision_config
-    n = config.num_hidden_layers
-    thresholds = dymu.Thresholds(values=[0.6] * n, encoder=dymu.encoder_fingerprint(config), num_layers=n,
-                                 feature_layer=-1)
+    vision = llava.load_model(tiny_ov_path, vtu=False).model.config.vision_config
+    thresholds = uniform_thresholds(vision, 0.6, feature_layer=-1)
     ov = llava.load_model(tiny_ov_path, dymu=thresholds)
     crops = ov.crops(IMAGES[0])
     groups = vis.merge_groups(ov.tower, crops)
