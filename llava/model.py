@@ -375,19 +375,18 @@ class DyMULlava:
         has_cls = _dymu.vision_token_count(self.tower)[1]
         return budget.tokens(int(has_cls and self.model.config.vision_feature_select_strategy != "full"))
 
-    def merge_rule(self, batch_size: int, budget: VisualBudget | dict | None = None, counts: Sequence[int] | None = None,
-                   images: Sequence[int] | None = None):
+    def merge_rule(self, batch_size: int, budget: VisualBudget | dict | None = None,
+                   bounded: Sequence[int] | None = None):
         """The encoder's merge rule under a budget (None: the configured rule).
 
-        Without ``counts``: the first pass, the configured rule with scaled thresholds. With ``counts`` (the
-        first pass's tokens per image of the request): the bounded rule for the request's ``images`` that
-        :meth:`dymu.budget.TokenBudget.violations` lists.
+        Without ``bounded``: the first pass, the configured rule with scaled thresholds. With ``bounded`` (the
+        request's images that :meth:`out_of_bounds` lists, in the order the second pass encodes them): the
+        rule that meets their bounds.
 
         Args:
             batch_size: images in the request.
             budget: see :meth:`token_budget`.
-            counts: encoder tokens per image after the first pass.
-            images: which of the request's images the bounded pass encodes (default: all).
+            bounded: images of the request the bounded pass encodes.
 
         Raises:
             ValueError: see :meth:`token_budget` and :class:`dymu.budget.TokenBudget`.
@@ -400,9 +399,9 @@ class DyMULlava:
         n0, has_cls = _dymu.vision_token_count(self.tower)
         geometry = dict(num_tokens=n0, num_layers=settings.num_layers, has_cls=has_cls)
         tb.bounds(batch_size, **geometry)  # validate before any work
-        if counts is None:
+        if bounded is None:
             return scaled
-        return tb.rule(scaled, batch_size=batch_size, images=images, device=self.device, **geometry)
+        return tb.rule(scaled, batch_size=batch_size, images=bounded, device=self.device, **geometry)
 
     def _tower(self, pixel_values: torch.Tensor, budget) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per image: ``(n_i, C_vis)`` feature-layer tokens (CLS included) and ``(N0,)`` group ids, under the
@@ -413,7 +412,7 @@ class DyMULlava:
         counts = [t.shape[0] for t, _ in per_image]
         redo = self.out_of_bounds(counts, budget)
         if redo:
-            rule = self.merge_rule(n, budget, counts=counts, images=redo)
+            rule = self.merge_rule(n, budget, bounded=redo)
             again = _split_tower_output(self.tower(pixel_values[redo], merge_rule=rule))
             for i, item in zip(redo, again):
                 per_image[i] = item
@@ -507,7 +506,7 @@ class DyMULlava:
         if (tb := self.token_budget(budget)) is not None and tb.has_bounds:  # as encode_images: the bounded
             counts = vis.merge_groups(self.tower, crops, merge_rule=rule).num_tokens  # rule where needed
             if self.out_of_bounds(counts, budget):
-                rule = self.merge_rule(crops.shape[0], budget, counts=counts)
+                rule = self.merge_rule(crops.shape[0], budget, bounded=range(crops.shape[0]))
         rows = []
         for layer in (layers if layers is not None else [None]):
             groups = vis.merge_groups(self.tower, crops, layer, merge_rule=rule)

@@ -178,7 +178,7 @@ class DyMULlavaOnevision(DyMULlava):
     def preprocess(self, images: Sequence[ImageLike]):
         raise NotImplementedError("LLaVA-OneVision preprocesses per prompt (AnyRes); use encode_prompt_images.")
 
-    def merge_rule(self, batch_size: int, budget: VisualBudget | dict | None = None, counts=None, images=None):
+    def merge_rule(self, batch_size: int, budget: VisualBudget | dict | None = None, bounded=None):
         """As :meth:`DyMULlava.merge_rule`, for a batch of crops / frames; ``threshold_scale`` only.
 
         Raises:
@@ -190,7 +190,7 @@ class DyMULlavaOnevision(DyMULlava):
         if budget.max_visual_tokens is not None or budget.min_visual_tokens is not None:
             raise NotImplementedError("max_visual_tokens / min_visual_tokens are exact for LLaVA-1.5 only; with "
                                       "LLaVA-OneVision use threshold_scale to trade tokens for detail.")
-        return super().merge_rule(batch_size, budget, counts, images)
+        return super().merge_rule(batch_size, budget, bounded)
 
     def crops(self, image: ImageLike) -> torch.Tensor:
         """``(n_crops, 3, 384, 384)``: the base image and AnyRes grid crops of a single-image prompt."""
