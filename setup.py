@@ -24,8 +24,11 @@ setup(
     },
     install_requires=[
         "torch>=2.4",
-        # Patches are written against the transformers 5 module layout; tested on 5.23.
-        "transformers>=5.23,<6",
+        # The patches replace transformers' module forwards, whose internals change between minor releases
+        # (5.24 renamed the cache keyword), so the range ends at the first untested minor release; CI tests both
+        # ends. Keep it equal to dymu.patch._host.TESTED_TRANSFORMERS (tests/test_compat.py checks).
+        "transformers>=5.23,<5.25",
+        "packaging",
         "safetensors",
         "einops",
         "pillow",

@@ -41,6 +41,7 @@ from transformers import DynamicCache
 
 import dymu
 from dymu.kv_cache import kv_cache_bytes
+from dymu.patch import cache_keyword
 from dymu.merge import ThresholdRule, constant_schedule
 
 __all__ = ["Variant", "parse_variant", "run_benchmark", "summarise", "markdown_table", "plot", "TARGETS"]
@@ -222,9 +223,13 @@ class _Bench:
         if variant.vtu:
             dymu.apply_vtu(self.model)
 
+    def _cache_kwarg(self, cache) -> dict:
+        """``{keyword: cache}`` under the decoder's own name for it (``cache`` from transformers 5.24)."""
+        return {cache_keyword(type(self.decoder).forward): cache}
+
     def _prefill(self, inputs):
         cache = DynamicCache(config=self.decoder.config)
-        out = self.decoder(**inputs.model_kwargs(), past_key_values=cache, use_cache=True)
+        out = self.decoder(**inputs.model_kwargs(), **self._cache_kwarg(cache), use_cache=True)
         # a 2-D row: a (B, 1, C) slice of the hidden states makes F.linear copy the whole LM-head weight on CPU
         logits = self.lm_head(out.last_hidden_state[:, -1])  # (B, V)
         return cache, logits
@@ -236,7 +241,7 @@ class _Bench:
         for _ in range(self.decode_tokens):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             position = position + 1
-            out = self.decoder(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
+            out = self.decoder(input_ids=token, attention_mask=mask, position_ids=position, **self._cache_kwarg(cache),
                                use_cache=True, **extra)
             token = self.lm_head(out.last_hidden_state[:, -1]).argmax(-1, keepdim=True)
 

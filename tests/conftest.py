@@ -70,3 +70,11 @@ def uniform_thresholds(vision_config, value: float, feature_layer: int):
     n = vision_config.num_hidden_layers
     return dymu.Thresholds(values=[value] * n, encoder=dymu.encoder_fingerprint(vision_config), num_layers=n,
                            feature_layer=feature_layer)
+
+
+def output_cache(out):
+    """The KV cache a transformers output carries, under the field name of the installed release (``cache`` from
+    transformers 5.24, ``past_key_values`` before; reading the old name on 5.24 warns)."""
+    from dymu.patch._host import output_cache_field
+
+    return getattr(out, output_cache_field(type(out)))

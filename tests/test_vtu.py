@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import dymu
+from conftest import output_cache
 from dymu import VTUInputs
 
 WIDTH = 64
@@ -266,8 +267,8 @@ def test_merged_cache_generates_like_expanded_cache_for_20_steps(attn):
     from dymu.kv_cache import MergedKVLayer
 
     assert lay.vtu().counts.max() > 1
-    assert isinstance(merged.past_key_values.layers[0], MergedKVLayer)
-    assert not isinstance(expanded.past_key_values.layers[0], MergedKVLayer)
+    assert isinstance(output_cache(merged).layers[0], MergedKVLayer)
+    assert not isinstance(output_cache(expanded).layers[0], MergedKVLayer)
     assert torch.equal(merged.sequences, expanded.sequences)
     assert len(merged.logits) == 20
     for step_merged, step_expanded in zip(merged.logits, expanded.logits, strict=True):
@@ -299,6 +300,80 @@ def test_merged_cache_holds_merged_rows_only(attn):
     layout = sum(t.nbytes for t in merged.layers[0].prompt.tensors())  # shared once by all layers
     assert kv_cache_bytes(merged) == kv_merged + layout
     assert kv_cache_bytes(expanded) == kv_expanded
+
+
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_given_cache_is_the_one_decode_steps_fill_and_read(attn, keyword):
+    """Issue 12: a cache passed as ``cache=`` (transformers >= 5.24) or ``past_key_values=`` (before) is filled by
+    the prefill and read by the decode step, on either release; none is dropped for a fresh one.
+
+    Fails if the patches drop the cache: the decode step would then see an empty cache (an error, or the logits
+    of a prompt-less step), the given cache would not grow, and zeroing its values would change nothing."""
+    from transformers import DynamicCache
+
+    from dymu.kv_cache import MergedKVLayer
+
+    model = dymu.apply_vtu(_model(attn, seed=15))
+    lay = _layout(MERGED, seed=15)
+    new = torch.randint(0, 128, (2, 1), generator=torch.Generator().manual_seed(15))
+    next_pos = lay.virtual_mask.sum(-1, keepdim=True)
+    mask = torch.cat([lay.mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+
+    def prefill(cache_layout: str) -> DynamicCache:
+        past = DynamicCache(config=model.config)
+        model(inputs_embeds=lay.embeds, attention_mask=lay.mask, position_ids=lay.positions, use_cache=True,
+              vtu=lay.vtu(cache=cache_layout), **{keyword: past})
+        return past
+
+    def step(past: DynamicCache, cache_layout: str) -> torch.Tensor:
+        return model(input_ids=new, attention_mask=mask, position_ids=next_pos, use_cache=True,
+                     vtu=lay.vtu(cache=cache_layout), **{keyword: past}).logits
+
+    with torch.no_grad():
+        merged, expanded, emptied = prefill("merged"), prefill("expanded"), prefill("merged")
+        assert all(isinstance(layer, MergedKVLayer) for layer in merged.layers)
+        assert merged.get_seq_length() == lay.merged_length
+        assert expanded.get_seq_length() == lay.group_index.shape[1]
+        for layer in emptied.layers:
+            layer.values.zero_()
+        logits = step(merged, "merged")
+        reference = step(expanded, "expanded")
+        perturbed = step(emptied, "merged")
+    assert merged.get_seq_length() == lay.merged_length + 1  # the decode row went into the given cache
+    torch.testing.assert_close(logits, reference, rtol=0, atol=1e-4)
+    assert (logits - perturbed).abs().max() > 1e-2  # the decode step read the prompt's values from that cache
+
+
+def test_two_different_caches_are_refused(attn):
+    """``cache=`` and ``past_key_values=`` naming two caches: the host would keep one and drop the other silently."""
+    from transformers import DynamicCache
+
+    model = dymu.apply_vtu(_model(attn, seed=16))
+    lay = _layout(MERGED, seed=16)
+    with pytest.raises(ValueError, match="two different caches"):
+        model(inputs_embeds=lay.embeds, attention_mask=lay.mask, position_ids=lay.positions, use_cache=True,
+              vtu=lay.vtu(), cache=DynamicCache(config=model.config),
+              past_key_values=DynamicCache(config=model.config))
+
+
+def test_generate_fills_the_cache_it_was_given(attn):
+    """``generate(..., <host cache keyword>=cache)`` with VTU: the merged cache is the given object, grown by every
+    decode step (L_m + new tokens - 1 rows: the last token is not fed back)."""
+    from transformers import DynamicCache
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    from dymu.kv_cache import MergedKVLayer
+    from dymu.patch._host import cache_keyword
+
+    model = dymu.apply_vtu(_model(attn, seed=17))
+    lay = _layout(MERGED, seed=17)
+    past = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = _greedy(model, inputs_embeds=lay.embeds, attention_mask=lay.mask, position_ids=lay.positions,
+                      vtu=lay.vtu(), max_new_tokens=5, **{cache_keyword(LlamaModel.forward): past})
+    assert output_cache(out) is past
+    assert all(isinstance(layer, MergedKVLayer) for layer in past.layers)
+    assert past.get_seq_length() == lay.merged_length + 5 - 1
 
 
 def test_merged_cache_multi_token_continuation_equals_expanded(attn):

@@ -14,9 +14,10 @@ from ..merge import FixedRRule, MergeRule, ThresholdRule
 from ..thresholds import EncoderSpec, Thresholds
 from . import llama as _llama
 from . import vit as _vit
-from ._swap import check_transformers_version, is_patched, restore, swap_class
+from ._host import TESTED_TRANSFORMERS, cache_keyword, check_transformers_version
+from ._swap import is_patched, restore, swap_class
 
-__all__ = ["is_patched", "encoder_spec", "vision_token_count", "apply_dtome", "apply_vtu", "remove", "layers_to_run", "find_vision_tower", "find_decoder"]
+__all__ = ["TESTED_TRANSFORMERS", "cache_keyword", "check_transformers_version", "is_patched", "encoder_spec", "vision_token_count", "apply_dtome", "apply_vtu", "remove", "layers_to_run", "find_vision_tower", "find_decoder"]
 
 logger = logging.getLogger(__name__)
 

@@ -3,27 +3,10 @@
 from __future__ import annotations
 
 import torch.nn as nn
-import transformers
 
 _ORIGINAL = "_dymu_original_class"
 _ATTRS = "_dymu_attrs"
 _CLASS_CACHE: dict[tuple[type, type], type] = {}
-
-TESTED_TRANSFORMERS_MAJOR = 5
-
-
-def check_transformers_version() -> None:
-    """Raise if the installed transformers major version was never tested with these patches.
-
-    Raises:
-        RuntimeError: transformers is not 5.x (the patches rely on its v5 module layout).
-    """
-    major = int(transformers.__version__.split(".")[0])
-    if major != TESTED_TRANSFORMERS_MAJOR:
-        raise RuntimeError(
-            f"DyMU patches are written for transformers {TESTED_TRANSFORMERS_MAJOR}.x but "
-            f"{transformers.__version__} is installed; install 'transformers>=5.23,<6'."
-        )
 
 
 def is_patched(module: nn.Module) -> bool:

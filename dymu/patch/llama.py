@@ -30,6 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..kv_cache import MergedKVLayer, VirtualPrompt, decode_bias, merged_decode_attention
 from ..vtu import VTUInputs, exact_attention, expand, remerge
+from ._host import cache_keyword, one_cache, output_cache_field
 
 __all__ = ["VTUAttentionMixin", "VTUDecoderMixin", "VTURootMixin"]
 
@@ -53,6 +54,8 @@ class VTUAttentionMixin:
     Decode steps over a merged cache (``vtu`` given, the layer's cache already holds the prompt) run
     :func:`~dymu.kv_cache.merged_decode_attention` with the additive mask the decoder built.
     Without ``vtu`` (decode steps over an expanded cache, or plain use) the host forward runs unchanged.
+    The KV cache may come as ``cache=`` (the host's name from transformers 5.24) or ``past_key_values=`` (before);
+    it is passed on under the host's keyword, and two different caches raise ``ValueError``.
     Set by :func:`dymu.apply_vtu`: ``_dymu_rope`` (the host module's ``apply_rotary_pos_emb``) and
     ``_dymu_eager`` (its ``eager_attention_forward``).
     """
@@ -65,12 +68,15 @@ class VTUAttentionMixin:
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
+        cache=None,
         vtu: VTUInputs | None = None,
+        past_key_values=None,
         **kwargs,
     ):
+        past_key_values = one_cache(cache, past_key_values, type(self).__name__)
         if vtu is None:
-            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+            kwargs[cache_keyword(super().forward)] = past_key_values
+            return super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
         bsz, lm, _ = hidden_states.shape
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)  # (B, L_m, C*)
         cos, sin = position_embeddings  # (B, L, D) at virtual positions (decode: at the new positions)
@@ -136,6 +142,9 @@ class VTUDecoderMixin:
         - decode over an expanded cache: the host's 2-D mask covers ``L_m`` prompt slots plus the new tokens;
           it is rewritten to ``vtu.attention_mask`` plus the new tokens, so it matches the length-``L`` cache;
           the host forward runs unchanged otherwise.
+        - the KV cache is accepted as ``cache=`` or ``past_key_values=`` and passed to the host, the decoder
+          layers and the mask functions under the keyword each declares (:func:`dymu.patch._host.cache_keyword`);
+          the output's cache field is the host's (``cache`` from transformers 5.24).
     """
 
     def forward(
@@ -143,15 +152,18 @@ class VTUDecoderMixin:
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         vtu: VTUInputs | None = None,
+        past_key_values=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        past_key_values = one_cache(cache, past_key_values, type(self).__name__)
         host = dict(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        host_cache = cache_keyword(super().forward)  # the host's name for it: cache (>= 5.24) / past_key_values
         if vtu is None:
-            return super().forward(attention_mask=attention_mask, past_key_values=past_key_values, **host, **kwargs)
+            return super().forward(attention_mask=attention_mask, **{host_cache: past_key_values}, **host, **kwargs)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
@@ -163,7 +175,7 @@ class VTUDecoderMixin:
                                            use_cache, vtu, **kwargs)
             mask = torch.cat([vtu.attention_mask.to(attention_mask), attention_mask[:, vtu.merged_length :]], dim=1)
             host["use_cache"] = use_cache
-            return super().forward(attention_mask=mask, past_key_values=past_key_values, **host, **kwargs)
+            return super().forward(attention_mask=mask, **{host_cache: past_key_values}, **host, **kwargs)
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -178,9 +190,9 @@ class VTUDecoderMixin:
             config=self.config,
             inputs_embeds=inputs_embeds.new_empty(bsz, vtu.virtual_length, 0),  # only shape / dtype are read
             attention_mask=vtu.attention_mask.to(inputs_embeds.device),
-            past_key_values=past_key_values,
             position_ids=positions,
         )
+        mask_kwargs[cache_keyword(create_causal_mask)] = past_key_values
         layer_types = getattr(self.config, "layer_types", None) or ["full_attention"] * self.config.num_hidden_layers
         masks = {"full_attention": create_causal_mask(**mask_kwargs)}
         if "sliding_attention" in layer_types:
@@ -206,13 +218,14 @@ class VTUDecoderMixin:
         collect = kwargs.pop("output_hidden_states", None)
         collect = self.config.output_hidden_states if collect is None else collect
         states = [hidden_states] if collect else None
-        for layer, layer_type in zip(self.layers[: self.config.num_hidden_layers], layer_types):
+        layers = self.layers[: self.config.num_hidden_layers]
+        kwargs[cache_keyword(type(layers[0]).forward)] = past_key_values
+        for layer, layer_type in zip(layers, layer_types):
             hidden_states = layer(
                 hidden_states,
                 attention_mask=masks[layer_type],
                 position_embeddings=position_embeddings,
                 position_ids=positions,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 vtu=vtu,
                 **kwargs,
@@ -222,8 +235,8 @@ class VTUDecoderMixin:
         last = self.norm(hidden_states)
         if states is not None:
             states[-1] = last
-        return BaseModelOutputWithPast(last_hidden_state=last, past_key_values=past_key_values,
-                                       hidden_states=tuple(states) if states is not None else None)
+        return BaseModelOutputWithPast(last_hidden_state=last, hidden_states=tuple(states) if states is not None else None,
+                                       **{output_cache_field(BaseModelOutputWithPast): past_key_values})
 
     def _install_merged_cache(self, cache, vtu: VTUInputs, position_embeddings, layer_types) -> None:
         """Replace the empty layers of a ``DynamicCache`` by merged layers (else keep the expanded cache)."""
@@ -267,13 +280,18 @@ class VTURootMixin:
 
     Modifications: ``forward(..., vtu=None, ...)`` passes ``vtu`` down through ``**kwargs`` (transformers
     forwards extra keyword arguments to the decoder and every attention call); ``generate`` only accepts
-    model kwargs the root forward declares, and then hands them to every step. ``generate``'s input expansion
+    model kwargs the root forward declares, and then hands them to every step. A cache given as ``cache=`` or
+    ``past_key_values=`` is passed on under the keyword the host declares (transformers 5.24 renamed it;
+    :mod:`dymu.patch._host`), so neither name is dropped. ``generate``'s input expansion
     (beam search, ``num_return_sequences``) repeats ``vtu`` with the other inputs.
     """
 
     def forward(self, *args, vtu: VTUInputs | None = None, **kwargs):
         if vtu is not None:
             kwargs["vtu"] = vtu
+        if "cache" in kwargs or "past_key_values" in kwargs:  # either name, passed on under the host's
+            given = one_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None), type(self).__name__)
+            kwargs[cache_keyword(super().forward)] = given
         return super().forward(*args, **kwargs)
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None,
