@@ -253,6 +253,25 @@ def test_generate_one_layer_duplicates_equals_full_sequence(attn):
         torch.testing.assert_close(step_out, step_ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("cache", ["merged", "expanded"])
+def test_generate_without_position_ids_continues_each_sample_at_its_own_length(attn, cache):
+    """Issue 12 item 6: ``generate`` without ``position_ids`` on a left-padded batch. The expanded cache placed the
+    decode steps at the padded length + t (logits off by up to ~5); each sample must continue at its own virtual
+    length, as the unmodified model on the full sequence does (it derives positions from its mask)."""
+    model = _model(attn, layers=2, seed=18)
+    lay = _layout(MERGED, seed=18)
+    e_full, vmask, _ = lay.full()
+    assert (vmask == 0).any()  # a left-padded sample
+    with torch.no_grad():
+        ref = _greedy(model, inputs_embeds=e_full, attention_mask=vmask, max_new_tokens=6)
+        dymu.apply_vtu(model)
+        out = _greedy(model, inputs_embeds=lay.embeds, attention_mask=lay.mask, vtu=lay.vtu(cache=cache),
+                      max_new_tokens=6)
+    assert torch.equal(out.sequences, ref.sequences)
+    for step_out, step_ref in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(step_out, step_ref, rtol=0, atol=1e-4)
+
+
 # --------------------------------------------------------------------------- merged KV cache
 
 

@@ -141,7 +141,8 @@ class VTUDecoderMixin:
           at ``position_ids`` (``generate`` continues them from the last prompt position);
         - decode over an expanded cache: the host's 2-D mask covers ``L_m`` prompt slots plus the new tokens;
           it is rewritten to ``vtu.attention_mask`` plus the new tokens, so it matches the length-``L`` cache;
-          the host forward runs unchanged otherwise.
+          without ``position_ids`` the new tokens continue each sample's own virtual length
+          (:func:`continue_positions`); the host forward runs unchanged otherwise.
         - the KV cache is accepted as ``cache=`` or ``past_key_values=`` and passed to the host, the decoder
           layers and the mask functions under the keyword each declares (:func:`dymu.patch._host.cache_keyword`);
           the output's cache field is the host's (``cache`` from transformers 5.24).
@@ -173,7 +174,11 @@ class VTUDecoderMixin:
             if _merged_layer(past_key_values, 0) is not None:
                 return self._decode_merged(input_ids, inputs_embeds, attention_mask, position_ids, past_key_values,
                                            use_cache, vtu, **kwargs)
-            mask = torch.cat([vtu.attention_mask.to(attention_mask), attention_mask[:, vtu.merged_length :]], dim=1)
+            tail = attention_mask[:, vtu.merged_length :]
+            mask = torch.cat([vtu.attention_mask.to(attention_mask), tail], dim=1)
+            if position_ids is None:  # the host would count the padded length L (wrong for left-padded samples)
+                t = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+                host["position_ids"] = continue_positions(vtu.attention_mask.to(tail.device), tail.bool(), t)
             host["use_cache"] = use_cache
             return super().forward(attention_mask=mask, **{host_cache: past_key_values}, **host, **kwargs)
 
@@ -263,9 +268,8 @@ class VTUDecoderMixin:
                              f"holds {cached} rows and {t} new tokens come; pass generate()'s mask.")
         prompt_mask = first.prompt.attention_mask  # (B, L)
         tail_mask = attention_mask[:, lm:].to(prompt_mask.device).bool()  # (B, S)
-        if position_ids is None:  # continue after the last real virtual position
-            real = prompt_mask.sum(-1, keepdim=True) + tail_mask.long().cumsum(-1) - 1
-            position_ids = real[:, -t:].clamp_min(0)
+        if position_ids is None:
+            position_ids = continue_positions(prompt_mask, tail_mask, t)
         s = tail_mask.shape[1]
         causal = torch.ones(t, s, dtype=torch.bool, device=tail_mask.device).tril(diagonal=s - t)
         bias = decode_bias(first.prompt, tail_mask[:, None, :] & causal)  # (B, T, L_m + S + P), every layer
@@ -273,6 +277,23 @@ class VTUDecoderMixin:
         layer_types = ["full_attention"] * self.config.num_hidden_layers
         return self._run_layers(inputs_embeds, {"full_attention": bias}, layer_types, position_embeddings,
                                 position_ids, cache, use_cache, vtu, **kwargs)
+
+
+def continue_positions(prompt_mask: torch.Tensor, tail_mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Virtual positions of a decode step's tokens when ``generate`` passes none (it derives no ``position_ids`` for
+    the patched root, whose forward does not declare them): after each sample's own last real virtual position.
+
+    Args:
+        prompt_mask: ``(B, L)`` real virtual prompt positions.
+        tail_mask: ``(B, S)`` bool, the decode tokens so far (current step's ``T`` last).
+        new_tokens: ``T``.
+
+    Returns:
+        ``(B, T)`` long: ``(real prompt positions) + (real decode tokens up to and including this one) - 1``, so a
+        left-padded sample continues at its own length, not at the padded ``L``.
+    """
+    real = prompt_mask.sum(-1, keepdim=True) + tail_mask.long().cumsum(-1) - 1
+    return real[:, -new_tokens:].clamp_min(0)
 
 
 class VTURootMixin:
