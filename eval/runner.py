@@ -1,9 +1,15 @@
 """Evaluation runner: generate answers for a benchmark, append predictions as it goes, score.
 
 Resumable: every finished sample is appended to ``predictions.jsonl`` (flushed and fsynced), and a run started
-again with the same output directory evaluates only the samples not yet there. A sample that fails is
-recorded with its error (``prediction: null``) and counted; the others are still scored. A resumed run keeps
-failed records as they are (a corrupt file would fail again on every resume); ``retry_failed=True`` redoes them.
+again with the same output directory evaluates only the samples not yet there, after checking that the folder
+was written with the same prediction settings (:mod:`eval.fingerprint`). A sample that fails is recorded with
+its error (``prediction: null``) and counted; the others are still scored. A resumed run keeps failed records as
+they are (a corrupt file would fail again on every resume); ``retry_failed=True`` redoes them.
+
+A run with failures never reads as a result: ``metrics.json`` says ``"status": "incomplete"`` (some samples
+failed) or ``"failed"`` (all did) with the count and the first distinct errors, the end of the run logs a
+prominent summary with the command that retries them, and :func:`raise_if_failed` turns an all-failed run into
+an error after its records are written. Every JSON file is strict (no NaN / Infinity, :mod:`eval.jsonio`).
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .benchmarks.base import Benchmark, Sample
+from .fingerprint import check_fingerprint
+from .jsonio import dumps, write_json_atomic, write_text_atomic
 
-__all__ = ["run_benchmark", "read_predictions", "summarise", "check_output_dir"]
+__all__ = ["run_benchmark", "read_predictions", "summarise", "check_output_dir", "failure_summary",
+           "raise_if_failed", "RunFailedError"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,17 +72,53 @@ def _truncate_last_line(path: Path) -> None:
     path.write_bytes(data[: cut + 1] if cut >= 0 else b"")
 
 
-def summarise(records: Sequence[dict], benchmark: Benchmark) -> dict[str, Any]:
-    """``metrics.json`` content: sample count, visual token stats, benchmark metrics, seconds per sample."""
+class RunFailedError(RuntimeError):
+    """Every sample of a run failed: its records are written, but there is no result."""
+
+
+FIRST_ERRORS = 3  # distinct error messages kept in metrics.json and the end-of-run summary
+
+
+def failure_summary(records: Sequence[dict], limit: int = FIRST_ERRORS) -> dict[str, Any]:
+    """``{"count": failed samples, "first_errors": [up to limit distinct messages, in sample order], "ids": [...]}``.
+
+    The first 20 failed ids are kept (``ids``) so a user can look at them in ``predictions.jsonl``."""
+    failed = [r for r in records if r.get("error")]
+    distinct: list[str] = []
+    for r in failed:
+        if r["error"] not in distinct and len(distinct) < limit:
+            distinct.append(r["error"])
+    return {"count": len(failed), "first_errors": distinct, "ids": [r["id"] for r in failed[:20]]}
+
+
+def summarise(records: Sequence[dict], benchmark: Benchmark, expected: int | None = None) -> dict[str, Any]:
+    """``metrics.json`` content: status, sample count, failures, visual token stats, metrics, seconds per sample.
+
+    ``status`` is ``"complete"`` (every expected sample answered), ``"incomplete"`` (some failed or are missing) or
+    ``"failed"`` (no sample answered); statistics over no value are ``None``, never NaN.
+
+    Args:
+        records: this run's records (one per sample).
+        benchmark: the task (its ``score``).
+        expected: samples the run should have (default: ``len(records)``).
+    """
     tokens = [r["visual_tokens"] for r in records if r.get("visual_tokens") is not None]
     seconds = [r["seconds"] for r in records if r.get("seconds") is not None]
-    mean = sum(tokens) / len(tokens) if tokens else float("nan")
-    std = math.sqrt(sum((t - mean) ** 2 for t in tokens) / len(tokens)) if tokens else float("nan")
+    mean = sum(tokens) / len(tokens) if tokens else None
+    std = math.sqrt(sum((t - mean) ** 2 for t in tokens) / len(tokens)) if tokens else None
     metrics = benchmark.score(list(records))
+    failed = failure_summary(records)
+    expected = len(records) if expected is None else expected
+    answered = len(records) - failed["count"]
+    status = "failed" if answered == 0 and expected > 0 else (
+        "complete" if answered == expected == len(records) else "incomplete")
     return {
         "benchmark": benchmark.name,
+        "status": status,
         "n_samples": len(records),
-        "n_failed": sum(1 for r in records if r.get("error")),
+        "n_failed": failed["count"],
+        "n_expected": expected,
+        "failed": failed,
         "visual_tokens": {
             "mean": mean,
             "std": std,
@@ -111,12 +156,6 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def check_output_dir(output_dir: str | os.PathLike, resume: bool) -> None:
     """Refuse to start over predictions of an earlier run unless resuming (call it before any work).
 
@@ -141,6 +180,8 @@ def run_benchmark(
     progress: bool = True,
     on_record: Callable[[dict], None] | None = None,
     retry_failed: bool = False,
+    fingerprint: dict | None = None,
+    retry_command: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``benchmark`` with ``generate`` and write ``predictions.jsonl`` and ``metrics.json``.
 
@@ -162,12 +203,16 @@ def run_benchmark(
         on_record: called with each new record of this rank (e.g. to log to wandb).
         retry_failed: evaluate again the samples recorded with an error (default: keep them as recorded);
             their new records replace the old ones in ``predictions.jsonl``.
+        fingerprint: the run's prediction settings (:func:`eval.fingerprint.experiment_fingerprint`); checked
+            against the folder's ``fingerprint.json`` before resuming, and recorded there.
+        retry_command: the command that re-runs failed samples (shown in the end-of-run summary).
 
     Returns:
-        The metrics dict (also written to ``metrics.json``).
+        The metrics dict (also written to ``metrics.json``); ``status`` tells whether the run is complete.
 
     Raises:
         FileExistsError: predictions exist and ``resume`` is False.
+        eval.fingerprint.FingerprintMismatch: the folder holds predictions made with other settings.
     """
     rank, world = _dist()
     check_output_dir(output_dir, resume)
@@ -180,7 +225,10 @@ def run_benchmark(
         samples = samples[:limit]
     wanted = {s.id for s in samples}
     on_disk = {r["id"]: r for p in existing for r in read_predictions(p)}  # a later line wins (a retried sample)
+    if fingerprint is not None:
+        check_fingerprint(output_dir, fingerprint, has_records=bool(on_disk), write=rank == 0)
     records = {i: r for i, r in on_disk.items() if i in wanted}
+    failed_before = sum(1 for r in records.values() if r.get("error"))
     retried = [i for i, r in records.items() if r.get("error")] if retry_failed else []
     for i in retried:
         del records[i]
@@ -188,7 +236,9 @@ def run_benchmark(
         logger.info("retrying %d failed samples", len(retried))
     todo = [s for s in samples if s.id not in records]
     if records and rank == 0:
-        logger.info("resuming: %d of %d samples already in %s", len(records), len(samples), output_dir)
+        logger.info("resuming: %d of %d samples already in %s (%d of them recorded as failed%s)", len(records) +
+                    len(retried), len(samples), output_dir, failed_before + len(retried),
+                    ": retrying them" if retried else "; retry_failed=true evaluates them again" if failed_before else "")
     mine = todo[rank::world]  # every rank read the same files, so the shards are disjoint and complete
     own_path = pred_path if world == 1 else output_dir / f"predictions.rank{rank}.jsonl"
     new = []
@@ -201,7 +251,7 @@ def run_benchmark(
             for record in _run_batch(generate, benchmark, batch):
                 if world > 1:
                     record["rank"] = rank
-                out.write(json.dumps(record) + "\n")
+                out.write(dumps(record) + "\n")
                 out.flush()
                 os.fsync(out.fileno())
                 new.append(record)
@@ -222,16 +272,46 @@ def run_benchmark(
         rank_files = sorted(output_dir.glob("predictions.rank*.jsonl"))  # all ranks are past the gather
         if rank_files or retried:  # one predictions.jsonl, one line per sample; records beyond `limit` are kept
             kept = sorted({**on_disk, **records}.values(), key=lambda r: order.get(r["id"], len(order)))
-            _write_atomic(pred_path, "".join(json.dumps(r) + "\n" for r in kept))
+            write_text_atomic(pred_path, "".join(dumps(r) + "\n" for r in kept))
             for path in rank_files:
                 path.unlink()
-        metrics = summarise(ordered, benchmark)
-        _write_atomic(output_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
+        metrics = summarise(ordered, benchmark, expected=len(samples))
+        write_json_atomic(output_dir / METRICS, metrics)
+        if metrics["status"] != "complete":
+            logger.warning(_failure_banner(metrics, output_dir, retry_command))
     if world > 1:
         box = [metrics]
         dist.broadcast_object_list(box, src=0)
         metrics = box[0]
     return metrics
+
+
+def _failure_banner(metrics: dict, output_dir: Path, retry_command: str | None) -> str:
+    """The end-of-run summary of a run with failures (count, first distinct errors, how to retry)."""
+    failed, n = metrics["failed"], metrics["n_expected"]
+    rule = "=" * 78
+    lines = [rule, f"{metrics['status'].upper()}: {failed['count']} of {n} samples FAILED in {output_dir} "
+             f"({metrics['n_samples']} recorded); the metrics cover only the samples that ran."]
+    lines += [f"  error: {e}" for e in failed["first_errors"]]
+    if failed["count"] > len(failed["first_errors"]):
+        lines.append(f"  (every failed record, with its error, is in {output_dir / PREDICTIONS})")
+    if failed["count"]:
+        lines.append("Fix the cause, then retry the failed samples with: "
+                     + (retry_command or "the same command plus retry_failed=true"))
+    lines.append(rule)
+    return "\n".join(lines)
+
+
+def raise_if_failed(metrics: dict, output_dir: str | os.PathLike) -> None:
+    """Raise when no sample of the run was answered (its records and ``metrics.json`` are already written).
+
+    Raises:
+        RunFailedError: ``metrics["status"] == "failed"``; the message gives the first errors.
+    """
+    if metrics.get("status") == "failed":
+        errors = "; ".join(metrics["failed"]["first_errors"]) or "no sample was evaluated"
+        raise RunFailedError(f"all {metrics['n_expected']} samples failed ({errors}); the failed records are in "
+                             f"{Path(output_dir) / PREDICTIONS}.")
 
 
 def _run_batch(generate: Generate, benchmark: Benchmark, batch: list[Sample]) -> list[dict]:

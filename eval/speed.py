@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import logging
 import platform
 import statistics
@@ -41,8 +40,10 @@ from transformers import DynamicCache
 
 import dymu
 from dymu.kv_cache import kv_cache_bytes
-from dymu.patch import cache_keyword
 from dymu.merge import ThresholdRule, constant_schedule
+from dymu.patch import cache_keyword
+
+from .jsonio import write_json_atomic
 
 __all__ = ["Variant", "parse_variant", "run_benchmark", "summarise", "markdown_table", "plot", "TARGETS"]
 
@@ -521,9 +522,9 @@ def machine() -> dict:
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
-    """Write ``payload`` as indented JSON."""
+    """Write ``payload`` as indented, strict JSON (a non-finite number becomes null, :mod:`eval.jsonio`)."""
     path = Path(path)
-    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(path, payload)
     return path
 
 

@@ -56,6 +56,7 @@ class Row:
     values: dict[str, float | None] = field(default_factory=dict)
     average: float | None = None
     source: str = "ours"
+    incomplete: dict[str, str] = field(default_factory=dict)  # column title -> "k of n failed" (a run with failures)
 
 
 def _pooled_tokens(metrics: Iterable[dict]) -> str:
@@ -63,8 +64,8 @@ def _pooled_tokens(metrics: Iterable[dict]) -> str:
     n = total = squares = 0.0
     for m in metrics:
         k, t = m.get("n_samples") or 0, m.get("visual_tokens") or {}
-        if not k or t.get("mean") is None or t.get("std") is None:
-            continue
+        if not k or not all(isinstance(t.get(key), (int, float)) and math.isfinite(t[key]) for key in ("mean", "std")):
+            continue  # no answered sample (older files wrote NaN there)
         n += k
         total += k * t["mean"]
         squares += k * (t["std"] ** 2 + t["mean"] ** 2)
@@ -94,13 +95,30 @@ def collect(root: str | os.PathLike, model: str | None = None) -> list[Row]:
         row = Row(method=f"{model_name} {run}", tokens=_pooled_tokens(per_benchmark.values()))
         scaled = []
         for title, benchmark, key, scale in COLUMNS:
-            value = per_benchmark.get(benchmark, {}).get("metrics", {}).get(key)
+            metrics = per_benchmark.get(benchmark, {})
+            value = metrics.get("metrics", {}).get(key)
+            if isinstance(value, float) and not math.isfinite(value):  # an older metrics.json with NaN
+                value = None
             row.values[title] = value
+            note = _incomplete(metrics)
+            if note:
+                row.incomplete[title] = note
             if value is not None and scale is not None:
                 scaled.append(value * scale)
         row.average = sum(scaled) / len(scaled) if scaled else None
         rows.append(row)
     return rows
+
+
+def _incomplete(metrics: dict) -> str | None:
+    """``"k of n failed"`` for a run that did not answer every sample (also for files written before ``status``)."""
+    if not metrics:
+        return None
+    failed = metrics.get("n_failed") or 0
+    expected = metrics.get("n_expected", metrics.get("n_samples") or 0)
+    if metrics.get("status", "complete") == "complete" and not failed:
+        return None
+    return f"{failed} of {expected} failed"
 
 
 def paper_rows() -> list[Row]:
@@ -117,30 +135,48 @@ def _fmt(value: float | None) -> str:
 
 
 def _columns(rows: list[Row]) -> list[str]:
-    """Column titles that have a value in at least one row (in COLUMNS order)."""
-    return [title for title, *_ in COLUMNS if any(r.values.get(title) is not None for r in rows)]
+    """Column titles that have a value, or a run with failures, in at least one row (in COLUMNS order)."""
+    return [title for title, *_ in COLUMNS
+            if any(r.values.get(title) is not None or title in r.incomplete for r in rows)]
+
+
+def _cell(row: Row, column: str) -> str:
+    """A value; ``FAILED`` for a run with no answer; ``value *`` for a run with failed samples (footnoted)."""
+    value = row.values.get(column)
+    if column not in row.incomplete:
+        return _fmt(value)
+    return f"FAILED ({row.incomplete[column]})" if value is None else f"{_fmt(value)} * ({row.incomplete[column]})"
 
 
 def to_markdown(rows: list[Row]) -> str:
-    """A Markdown table (only columns with at least one value) with the averaging note below it."""
+    """A Markdown table (only columns with at least one value) with the averaging note below it.
+
+    Runs with failed samples are marked in their cell (``61.2 * (3 of 29 failed)``, or ``FAILED`` when no sample
+    was answered) and footnoted, so a partial result never reads as a complete one."""
     columns = _columns(rows)
     lines = ["| Method | # visual tokens | " + " | ".join(columns) + " | Avg |",
              "|---|---|" + "---|" * (len(columns) + 1)]
     for r in rows:
-        cells = [_fmt(r.values.get(c)) for c in columns]
-        lines.append(f"| {r.method} | {r.tokens} | " + " | ".join(cells) + f" | {_fmt(r.average)} |")
-    return "\n".join(lines) + f"\n\n{AVERAGE_NOTE}\n"
+        cells = [_cell(r, c) for c in columns]
+        average = _fmt(r.average) + (" *" if r.incomplete and r.average is not None else "")
+        lines.append(f"| {r.method} | {r.tokens} | " + " | ".join(cells) + f" | {average} |")
+    note = AVERAGE_NOTE
+    if any(r.incomplete for r in rows):
+        note += ("\n\n\\* incomplete run: the value covers only the samples that did not fail; fix the errors "
+                 "(predictions.jsonl) and re-run with retry_failed=true.")
+    return "\n".join(lines) + f"\n\n{note}\n"
 
 
 def to_csv(rows: list[Row]) -> str:
-    """The same table as CSV (empty cells where a value is missing)."""
+    """The same table as CSV (empty cells where a value is missing; ``incomplete`` lists runs with failures)."""
     columns = _columns(rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["method", "source", "visual_tokens", *columns, "avg"])
+    writer.writerow(["method", "source", "visual_tokens", *columns, "avg", "incomplete"])
     for r in rows:
         writer.writerow([r.method, r.source, r.tokens, *("" if r.values.get(c) is None else r.values[c] for c in columns),
-                         "" if r.average is None else r.average])
+                         "" if r.average is None else r.average,
+                         "; ".join(f"{c}: {note}" for c, note in r.incomplete.items())])
     return buffer.getvalue()
 
 

@@ -281,7 +281,7 @@ def _write_marker(path: Path, name: str, builder: str, seed: int, **extra) -> No
         "torch_version": torch.__version__.split("+")[0],
         **extra,
     }
-    (path / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    (path / MARKER_FILE).write_text(json.dumps(marker, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def build_tiny_llava15(path: str | os.PathLike, seed: int = 0) -> Path:

@@ -143,7 +143,7 @@ def write_questions(out_dir: Path) -> int:
             "answer": answer,
             "answer_type": answer_type,
         }
-        lines.append(json.dumps(record, ensure_ascii=False))
+        lines.append(json.dumps(record, ensure_ascii=False, allow_nan=False))
     path = out_dir / "questions.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     logger.info("wrote %s (%d questions)", path, len(lines))

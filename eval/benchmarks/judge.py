@@ -143,12 +143,12 @@ class JudgeClient:
 
     def cache_key(self, messages: Messages, max_tokens: int | None = None) -> str:
         """SHA-256 of the model name, the messages and the length limit (canonical JSON)."""
-        payload = json.dumps([self.model, messages, max_tokens], sort_keys=True, ensure_ascii=False)
+        payload = json.dumps([self.model, messages, max_tokens], sort_keys=True, ensure_ascii=False, allow_nan=False)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
     def _post(self, body: dict, api_key: str) -> str:
         url = f"{self.base_url}/chat/completions"
-        data = json.dumps(body).encode("utf-8")
+        data = json.dumps(body, allow_nan=False).encode("utf-8")
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"}
         for attempt in range(self.max_retries + 1):
             request = urllib.request.Request(url, data=data, headers=headers, method="POST")
@@ -196,7 +196,7 @@ class JudgeClient:
         self._load_cache()[key] = reply
         if self.cache_path is None:
             return
-        line = json.dumps({"key": key, "model": self.model, "response": reply}, ensure_ascii=False) + "\n"
+        line = json.dumps({"key": key, "model": self.model, "response": reply}, ensure_ascii=False, allow_nan=False) + "\n"
         with self._lock:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.cache_path, "a", encoding="utf-8") as handle:  # one write per line: appends interleave
