@@ -78,3 +78,23 @@ def output_cache(out):
     from dymu.patch._host import output_cache_field
 
     return getattr(out, output_cache_field(type(out)))
+
+
+# Test modules that reach into transformers' internals (patched forwards, VTU, KV cache, LLaVA / OneVision glue,
+# generation). CI runs them again on the oldest supported transformers release: `pytest -m host_internals`.
+HOST_INTERNALS = {
+    "test_budget", "test_calibrate", "test_compat", "test_determinism", "test_dtome_clip", "test_dtome_siglip",
+    "test_float64", "test_kv_cache", "test_llava", "test_merge", "test_merge_properties", "test_onevision",
+    "test_robustness", "test_speed", "test_thresholds_identity", "test_tiny_llava", "test_vis", "test_vtu",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "host_internals: touches transformers internals; CI also runs it on the "
+                                       "oldest supported transformers release")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__ in HOST_INTERNALS:
+            item.add_marker("host_internals")

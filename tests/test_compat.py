@@ -55,3 +55,12 @@ def test_patching_on_an_untested_release_fails_before_touching_the_model(monkeyp
     with pytest.raises(RuntimeError, match="tested on transformers"):
         dymu.apply_vtu(model)
     assert type(model) is LlamaForCausalLM and not dymu.is_patched(model.model)
+
+
+def test_host_internals_marker_names_existing_modules():
+    """CI's oldest-release job runs `-m host_internals`: a renamed module must not silently drop out of it."""
+    from conftest import HOST_INTERNALS
+
+    modules = {p.stem for p in (REPO / "tests").glob("test_*.py")}
+    assert HOST_INTERNALS <= modules, HOST_INTERNALS - modules
+    assert {"test_vtu", "test_kv_cache", "test_llava", "test_onevision"} <= HOST_INTERNALS
