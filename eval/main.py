@@ -13,9 +13,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from llava.factory import load_from_config
+from dymu.thresholds import PACKAGED_DIR
+from llava.factory import load_from_config, thresholds_source
 
-from .runner import PREDICTIONS, Generate, check_output_dir, read_predictions, run_benchmark
+from .fingerprint import check_fingerprint, experiment_fingerprint
+from .runner import PREDICTIONS, Generate, check_output_dir, raise_if_failed, read_predictions, run_benchmark
 from .tracking import init_wandb, log_results
 
 __all__ = ["evaluate", "make_generate", "check_config"]
@@ -31,9 +33,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     shard and rank 0 gathers the results (see :func:`eval.runner.run_benchmark`).
 
     Returns:
-        The metrics dict.
+        The metrics dict (``status``: ``complete`` or ``incomplete``; a summary of failures is logged).
 
     Raises:
+        RunFailedError: every sample failed (raised after the records and metrics.json are written).
+        FingerprintMismatch: ``output_dir`` holds predictions made with other prediction settings.
         ValueError / FileExistsError: bad settings (see :func:`check_config`), before any work.
         FileNotFoundError / ValueError: the benchmark's data is missing or malformed (before the model loads).
         ThresholdsError / OSError: the model or its thresholds cannot be loaded.
@@ -70,6 +74,9 @@ def _evaluate(cfg: DictConfig, output_dir: Path, device: str) -> dict[str, Any]:
         raise err.__cause__ from None
     pipe = load_from_config(cfg.model, cfg.dymu, device=device, budget=cfg.get("budget"))
     generate = make_generate(pipe, cfg.max_new_tokens)
+    fingerprint = experiment_fingerprint(OmegaConf.to_container(cfg, resolve=True), pipe, _thresholds_file(cfg))
+    if rank == 0:  # before anything is logged: refuse to resume another experiment's folder
+        check_fingerprint(output_dir, fingerprint, has_records=_has_predictions(output_dir), write=False)
 
     run = init_wandb(cfg.wandb, OmegaConf.to_container(cfg, resolve=True), output_dir) if rank == 0 else None
     metrics = run_benchmark(
@@ -81,12 +88,44 @@ def _evaluate(cfg: DictConfig, output_dir: Path, device: str) -> dict[str, Any]:
         resume=cfg.resume,
         progress=True,
         retry_failed=bool(cfg.get("retry_failed", False)),
+        fingerprint=fingerprint,
+        retry_command=_retry_command(),
     )
     if rank == 0:
         records = read_predictions(output_dir / PREDICTIONS)
-        log_results(run, metrics, [r["visual_tokens"] for r in records if r.get("visual_tokens") is not None])
+        log_results(run, metrics, records, benchmark, pipe, limit=cfg.limit,
+                    layer_samples=cfg.wandb.get("layer_tokens_samples", 256))
         logger.info("%s / %s / %s: %s", cfg.model.name, cfg.dymu.name, benchmark.name, metrics)
+    raise_if_failed(metrics, output_dir)
     return metrics
+
+
+def _thresholds_file(cfg: DictConfig) -> Path | None:
+    """The thresholds file a threshold-mode arm uses (a packaged name resolves to its shipped file)."""
+    if cfg.dymu.get("mode") != "threshold":
+        return None
+    source = thresholds_source(cfg.model, str(cfg.dymu.variant))
+    return Path(source) if source.endswith(".json") or Path(source).is_file() else PACKAGED_DIR / f"{source}.json"
+
+
+def _has_predictions(output_dir: Path) -> bool:
+    return (output_dir / PREDICTIONS).is_file() or any(output_dir.glob("predictions.rank*.jsonl"))
+
+
+def _retry_command() -> str | None:
+    """``python scripts/eval.py <this run's overrides> retry_failed=true`` (None outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("retry_failed=")]
+    return " ".join(["python scripts/eval.py", *map(_quote, overrides), "retry_failed=true"])
+
+
+def _quote(override: str) -> str:
+    import shlex
+
+    return shlex.quote(override)
 
 
 def check_config(cfg: DictConfig) -> None:
