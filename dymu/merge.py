@@ -11,8 +11,21 @@ Shapes used throughout:
     C   channels, D metric width
 
 A :class:`TokenState` travels with the hidden states through the encoder. Padding is always at the end
-of each image's row, so the even/odd split of the valid prefix is the same with or without padding:
-results for an image never depend on what else is in the batch.
+of each image's row, so the even/odd split of the valid prefix is the same with or without padding.
+
+What batching guarantees, exactly:
+
+- The logic is per image: every decision (best partner, which edges merge, the new order, sizes and group
+  ids) is a function of that image's own scores; padding tokens get ``-inf`` scores, zero size and a dump
+  slot, so their values never matter, however long the padding and whatever the other images hold.
+- The *scores* themselves are not bit-identical across batch shapes: the batched matmul ``A_n @ B_n^T`` of
+  :func:`bipartite_match` may round differently (by an ulp or so) for another batch size or padded length.
+  So when two B-partners of an A-token score within float rounding of each other (a near-tie, e.g. within
+  2.4e-7 in float32), or an edge lies within rounding of the threshold, the argmax / comparison can flip,
+  and that image can end with different groups (and a different token count) in another batch. Away from
+  such near-ties the groups are identical and the features agree to float tolerance. Real encoders do meet
+  near-ties occasionally (one image of 84 changed its count in a batch with real CLIP weights); float64
+  scores (float64 towers) make them far rarer but not impossible.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ __all__ = [
     "select_top_r",
     "select_batch_top",
     "merge_tokens",
+    "accumulation_dtype",
     "attention_bias",
     "MergeRule",
     "ThresholdRule",
@@ -86,11 +100,11 @@ def bipartite_match(
         protect_first: never merge token 0 (CLIP's CLS token).
 
     Returns:
-        ``(scores, dst)``: ``(B, Na)`` float32 best score of each A-token (``-inf`` for protected or
-        padded A-tokens, and for A-tokens with no real B-token), and ``(B, Na)`` long index into the
-        B-set of that best partner.
+        ``(scores, dst)``: ``(B, Na)`` best score of each A-token (``-inf`` for protected or padded
+        A-tokens, and for A-tokens with no real B-token), float32, or float64 for a float64 metric (see
+        :func:`accumulation_dtype`); and ``(B, Na)`` long index into the B-set of that best partner.
     """
-    metric = metric.float()
+    metric = metric.to(accumulation_dtype(metric.dtype))  # float32, or float64 for float64 metrics
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = metric[:, ::2], metric[:, 1::2]  # (B, Na, D), (B, Nb, D)
     if b.shape[1] == 0:  # a single token: nothing to match
@@ -170,6 +184,15 @@ def select_batch_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     return selected.view_as(scores), threshold
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype to accumulate in for inputs of ``dtype``: at least float32, and never less precise than the input.
+
+    fp16 / bf16 / float32 -> float32 (sums of many half-precision tokens would lose precision or overflow);
+    float64 -> float64.
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 def merge_tokens(
     x: torch.Tensor,
     state: TokenState,
@@ -190,8 +213,10 @@ def merge_tokens(
         dst: ``(B, Na)`` long, B-set index of each A-token's partner.
 
     Returns:
-        ``(x', state')`` with ``x'`` of shape ``(B, N', C)``, ``N'`` the longest new length in the batch.
-        If nothing merges anywhere, ``x`` and ``state`` are returned unchanged (same objects).
+        ``(x', state')`` with ``x'`` of shape ``(B, N', C)`` and ``x.dtype``, ``N'`` the longest new length in
+        the batch. If nothing merges anywhere, ``x`` and ``state`` are returned unchanged (same objects).
+        The weighted sums accumulate in :func:`accumulation_dtype` (float32 for fp16 / bf16 / float32 inputs,
+        float64 for float64), then the result is rounded to ``x.dtype`` once.
 
     Note:
         One host synchronisation (to size the output) per call; nothing else leaves the device.
@@ -226,16 +251,18 @@ def merge_tokens(
     dest[:, ::2] = dest_a
     dest = torch.where(valid, dest, n_new)  # padding goes to a dump slot
 
-    # Size-weighted sums in float32, accumulated into the partner slots, then compacted.
+    # Size-weighted sums in at least float32 (float64 inputs stay float64), accumulated into the partner
+    # slots, then compacted.
     sizes = state.sizes
-    weighted = x.float() * sizes[..., None]  # (B, N, C)
-    out = x.new_zeros(bsz, n_new + 1, c, dtype=torch.float32)
+    acc = accumulation_dtype(x.dtype)
+    weighted = x.to(acc) * sizes[..., None].to(acc)  # (B, N, C)
+    out = x.new_zeros(bsz, n_new + 1, c, dtype=acc)
     out.scatter_add_(1, dest[..., None].expand(bsz, n, c), weighted)
     new_sizes = sizes.new_zeros(bsz, n_new + 1)
     new_sizes.scatter_add_(1, dest, sizes)
     out, new_sizes = out[:, :n_new], new_sizes[:, :n_new]
     new_valid = torch.arange(n_new, device=device) < new_len[:, None]
-    x_new = (out / new_sizes.clamp_min(1.0)[..., None]).to(x.dtype)
+    x_new = (out / new_sizes.clamp_min(1.0)[..., None].to(acc)).to(x.dtype)
     new_state = TokenState(
         sizes=new_sizes,
         group_ids=dest.gather(1, state.group_ids),
@@ -255,17 +282,18 @@ def attention_bias(state: TokenState, dtype: torch.dtype) -> torch.Tensor | None
 
     Args:
         state: current :class:`TokenState`.
-        dtype: dtype of the attention logits.
+        dtype: dtype of the attention logits (any floating dtype, float64 included).
 
     Returns:
-        ``(B, 1, 1, N)`` float tensor, or ``None``.
+        ``(B, 1, 1, N)`` tensor of ``dtype``, or ``None``. ``log s`` is computed in
+        :func:`accumulation_dtype` of ``dtype`` and rounded to ``dtype`` once.
     """
     if not state.merged and state.padding_mask is None:
         return None
-    bias = state.sizes.clamp_min(1.0).log()
-    if state.padding_mask is not None:
+    bias = state.sizes.to(accumulation_dtype(dtype)).clamp_min(1.0).log().to(dtype)  # log s rounded once
+    if state.padding_mask is not None:  # filled in `dtype` itself: its minimum need not fit float32 (float64)
         bias = bias.masked_fill(~state.padding_mask, torch.finfo(dtype).min)
-    return bias.to(dtype)[:, None, None, :]
+    return bias[:, None, None, :]
 
 
 def constant_schedule(total: int, num_layers: int) -> list[int]:
