@@ -10,6 +10,7 @@ same batches.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import math
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 
 from .merge import ThresholdRule, constant_schedule, select_batch_top
 
-__all__ = ["Thresholds", "ThresholdsError", "BatchBudgetRule", "find_thresholds", "encoder_fingerprint", "EncoderSpec"]
+__all__ = ["Thresholds", "ThresholdsError", "BatchBudgetRule", "find_thresholds", "encoder_fingerprint", "EncoderSpec",
+           "weights_identity"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,8 @@ def encoder_fingerprint(vision_config: Any) -> str:
     """Identify an encoder's geometry, e.g. ``clip_vision_model-h1024-l24-p14-s336`` for CLIP ViT-L/14-336.
 
     Thresholds are only meaningful for the encoder (and weights) they were calibrated on; the geometry
-    catches the common mistakes (another encoder family, size or resolution).
+    catches the common mistakes (another encoder family, size or resolution), and :func:`weights_identity`
+    (recorded as ``Thresholds.weights_sha256``) tells checkpoints of one geometry apart.
 
     Args:
         vision_config: a transformers vision config, or an :class:`EncoderSpec` (its fingerprint is returned).
@@ -51,6 +54,70 @@ def encoder_fingerprint(vision_config: Any) -> str:
         return vision_config.fingerprint
     c = vision_config
     return f"{c.model_type}-h{c.hidden_size}-l{c.num_hidden_layers}-p{c.patch_size}-s{c.image_size}"
+
+
+# Parameter names of the tensors :func:`weights_identity` hashes, per supported tower family (names relative to
+# the tower): (patch embedding, key projection of block {i}, row third of a fused q/k/v weight holding the keys
+# or None). transformers CLIP / SigLIP; open_clip VisionTransformer; timm VisionTransformer (open_clip TimmModel).
+_IDENTITY_NAMES = (
+    ("embeddings.patch_embedding.weight", "encoder.layers.{i}.self_attn.k_proj.weight", None),
+    ("conv1.weight", "transformer.resblocks.{i}.attn.in_proj_weight", 1),
+    ("patch_embed.proj.weight", "blocks.{i}.attn.qkv.weight", 1),
+)
+
+
+def _identity_bytes(t: torch.Tensor) -> bytes:
+    """Little-endian bytes of ``t`` rounded to bfloat16 (via float32, on the CPU)."""
+    t = t.detach().to("cpu", torch.float32).to(torch.bfloat16).contiguous()
+    return t.view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
+
+
+def weights_identity(vision_model: torch.nn.Module, num_layers: int) -> str | None:
+    """Identity of the weights of a vision tower, for thresholds: a sha256 hex digest over three fixed tensors.
+
+    Hashed, in this order, each as a label, its shape and its values: the patch embedding weight, and the key
+    projection weight (for fused q/k/v weights, their key rows) of block ``0`` and of block ``num_layers - 1``
+    (the first and last layers the thresholds cover, i.e. the first and last layers run at calibration). They
+    are found by parameter name (``named_parameters``, relative to the tower), so any tower family in
+    ``_IDENTITY_NAMES`` is covered: transformers ``CLIPVisionModel`` / ``SiglipVisionModel`` and open_clip /
+    timm ``VisionTransformer`` towers. Cost: one CPU copy and hash of three ``~C^2``-sized tensors (~2.6M values
+    for ViT-L).
+
+    Dtype choice: values are rounded to bfloat16 (through float32, on the CPU) before hashing, so a checkpoint
+    stored in fp32, fp16 or bf16 gives the same identity whether it is loaded in float32, float64 or bfloat16,
+    and a fp16 / bf16 checkpoint in any of float32 / float64 / fp16 / bf16 (bf16 values outside fp16's range
+    aside). One case differs: an fp32 checkpoint
+    loaded in fp16 (double rounding changes some bf16 values), which can only cause a spurious warning.
+
+    Args:
+        vision_model: the tower (patched or not: class swaps keep parameter names).
+        num_layers: how many leading blocks the thresholds cover (``len(thresholds.values)``), >= 1.
+
+    Returns:
+        64 hex characters, or ``None`` when the tower has none of the known parameter layouts or its weights
+        are not materialised (``meta`` device), so no identity can be computed.
+
+    Raises:
+        ValueError: ``num_layers < 1``.
+    """
+    if num_layers < 1:
+        raise ValueError(f"weights_identity needs num_layers >= 1, got {num_layers}.")
+    params = dict(vision_model.named_parameters())
+    for embed_name, key_name, third in _IDENTITY_NAMES:
+        names = [embed_name, key_name.format(i=0), key_name.format(i=num_layers - 1)]
+        if not all(n in params for n in names):
+            continue
+        tensors = [params[n] for n in names]
+        if any(t.is_meta for t in tensors):
+            return None
+        if third is not None:  # fused [q; k; v] rows
+            tensors[1:] = [t.chunk(3, dim=0)[third] for t in tensors[1:]]
+        digest = hashlib.sha256(b"dymu-weights-identity-v1\n")
+        for label, t in zip(("patch_embedding", "layer0.key", f"layer{num_layers - 1}.key"), tensors):
+            digest.update(f"{label}:{tuple(t.shape)}\n".encode())
+            digest.update(_identity_bytes(t))
+        return digest.hexdigest()
+    return None
 
 
 @dataclass(frozen=True)
@@ -97,6 +164,9 @@ class Thresholds:
             feature layer (CLS included) when these thresholds are applied to calibration inputs.
         source: where the values come from (calibration run, or a publication).
         extra: anything else worth recording (model path, seed, image list, date).
+        weights_sha256: :func:`weights_identity` of the calibration tower's weights (64 hex characters), or
+            ``None`` (published values, files written before it was recorded): then applying the thresholds
+            cannot check the weights (see :meth:`check_weights`).
     """
 
     values: list[float]
@@ -110,6 +180,7 @@ class Thresholds:
     realised_tokens: dict[str, float] | None = None
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str | None = None
 
     def __post_init__(self) -> None:
         """Validate the fields.
@@ -117,7 +188,7 @@ class Thresholds:
         Raises:
             ThresholdsError: ``values`` is not a non-empty list of finite numbers in ``[-1, 1]`` (thresholds
                 are cosine similarities; calibrated ones lie in ``[0, 1]``), or there are more values than
-                ``num_layers``.
+                ``num_layers``; ``weights_sha256`` is neither None nor 64 lowercase hex characters.
         """
         if isinstance(self.values, (str, bytes, dict)) or not hasattr(self.values, "__iter__"):
             raise ThresholdsError(f"thresholds 'values' must be a list of numbers, got {self.values!r}.")
@@ -142,15 +213,27 @@ class Thresholds:
         if len(self.values) > self.num_layers:
             raise ThresholdsError(f"{len(self.values)} thresholds for an encoder of {self.num_layers} layers; the "
                                   "file is inconsistent: re-create it with scripts/find_thresholds.py.")
+        w = self.weights_sha256
+        if w is not None and not (isinstance(w, str) and len(w) == 64 and all(ch in "0123456789abcdef" for ch in w)):
+            raise ThresholdsError(f"thresholds 'weights_sha256' must be null or a sha256 hex digest (64 lowercase hex "
+                                  f"characters), got {w!r}; re-create the file with scripts/find_thresholds.py.")
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the thresholds as JSON (never pickle). Creates parent folders. Returns the path."""
+        """Write the thresholds as strict JSON (never pickle). Creates parent folders. Returns the path.
+
+        Raises:
+            ThresholdsError: a field (e.g. in ``extra``) holds NaN / infinity, which strict JSON cannot hold.
+        """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"format": FORMAT, "version": VERSION, **asdict(self)}
+        try:
+            text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
+        except ValueError as err:
+            raise ThresholdsError(f"cannot save thresholds to {path}: {err} (a field holds NaN or infinity).") from err
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
         return path
 
@@ -220,6 +303,41 @@ class Thresholds:
                 f"{self.feature_layer}); calibrate with the same feature layer as deployment."
             )
 
+    def check_weights(self, vision_model: torch.nn.Module) -> bool:
+        """Warn if these thresholds were calibrated on other weights than ``vision_model``'s.
+
+        :meth:`check` only compares the geometry, which every checkpoint of an architecture shares; thresholds
+        are calibrated on one checkpoint's similarity statistics. This compares ``weights_sha256`` with
+        :func:`weights_identity` of the tower over ``len(values)`` layers and logs a WARNING naming both
+        identities when they differ (a warning, not an error: fine-tuned weights may still work, and a
+        dtype round trip can rarely change the identity, see :func:`weights_identity`). A file without an
+        identity (published values, older files) is accepted with an INFO log.
+
+        Args:
+            vision_model: the tower the thresholds are applied to.
+
+        Returns:
+            False if the identities differ, True otherwise (same weights, or nothing to compare).
+        """
+        if self.weights_sha256 is None:
+            logger.info("thresholds (%s) record no weights identity; cannot check they were calibrated for these "
+                        "weights", self.source or self.encoder)
+            return True
+        actual = weights_identity(vision_model, len(self.values))
+        if actual is None:
+            logger.info("cannot compute the weights identity of %s (unknown layout or weights not loaded); "
+                        "thresholds weights check skipped", type(vision_model).__name__)
+            return True
+        if actual != self.weights_sha256:
+            logger.warning(
+                "thresholds (%s) were calibrated on other weights: their weights identity is %s but the model's "
+                "is %s (same encoder geometry %s). Token counts will not match the calibration; recalibrate "
+                "for this model with scripts/find_thresholds.py.",
+                self.source or "unnamed", self.weights_sha256, actual, self.encoder,
+            )
+            return False
+        return True
+
 
 class BatchBudgetRule:
     """Calibration merge rule: batch-level top ``B * r_l`` per layer, recording each batch's threshold.
@@ -279,22 +397,34 @@ def find_thresholds(
     process over all batches (every rank must call this function).
 
     Args:
-        vision_model: a ``CLIPVisionModel`` or ``SiglipVisionModel`` (patched or not; left as it was).
-        batches: iterable of ``(B, 3, H, W)`` preprocessed pixel batches (preprocess as at deployment).
-        target_tokens: tokens per image at the feature layer (CLS included where the encoder has one).
-        schedule: per-layer ``r_l`` (length = layers run).
+        vision_model: any tower :func:`dymu.apply_dtome` supports, patched or not (left as it was):
+            transformers ``CLIPVisionModel`` (CLS token) or ``SiglipVisionModel`` (no CLS); open_clip's
+            ``VisionTransformer`` (``CLIP.visual``, CLS token); or timm's ``VisionTransformer`` (e.g. the trunk
+            of open_clip's ``TimmModel`` SigLIP towers, ``model.visual.trunk``; CLS token if it has one
+            prefix token). Not a LLaVA model: pass its vision tower. open_clip / timm towers need the
+            ``openclip`` extra.
+        batches: iterable of ``(B, 3, H, W)`` preprocessed pixel batches (``H, W`` the tower's image size;
+            preprocess as at deployment), moved to the tower's device and dtype here. ``B`` may vary between
+            batches; the budget of a batch is ``B * r_l`` edges per layer.
+        target_tokens: tokens per image at the feature layer, CLS included where the encoder has one, in
+            ``[1, N0]`` (``N0`` = 577 for CLIP ViT-L/14-336, 729 for SigLIP so400m/14-384).
+        schedule: per-layer ``r_l`` (length = layers run; at most about half the remaining tokens per layer).
         feature_layer: hidden-state index of the feature layer (-2 for LLaVA-1.5: 23 of 24 layers run).
-        realised_batches: batches on which to measure the token count with the new thresholds
-            (default: none, the field stays empty).
+        realised_batches: ``(B, 3, H, W)`` batches on which to measure the token count with the new
+            thresholds (default: none, ``realised_tokens`` stays empty).
         progress: show tqdm progress bars (rank 0 only).
         source, extra: recorded in the result.
 
     Returns:
-        :class:`Thresholds`.
+        :class:`Thresholds` with one value per layer run, the encoder fingerprint, the schedule, image count,
+        dtype, realised token count, and ``weights_sha256`` (:func:`weights_identity` of ``vision_model``).
 
     Raises:
-        ValueError: neither or both of ``target_tokens`` / ``schedule``; a schedule of the wrong length
-            or one that asks more merges than a layer can make; no batches; a batch with NaN / inf pixels.
+        NotImplementedError: ``vision_model`` is not a supported tower (names its class).
+        ValueError: neither or both of ``target_tokens`` / ``schedule``; ``target_tokens`` outside
+            ``[1, N0]``; a ``feature_layer`` that selects no encoder layer; a schedule of the wrong length
+            or one that asks more merges than a layer can make; a tower already patched to run another
+            number of layers; no batches; a batch with NaN / inf pixels.
     """
     from .patch import apply_dtome, encoder_spec, is_patched, layers_to_run, remove  # patch imports us
 
@@ -377,4 +507,5 @@ def find_thresholds(
         realised_tokens=realised,
         source=source or "dymu.find_thresholds",
         extra=meta,
+        weights_sha256=weights_identity(vision_model, n_run),
     )

@@ -42,3 +42,27 @@ def test_ranks_get_disjoint_whole_batches_covering_every_image():
     two = [_batches_for_rank(23, 4, seed=3, rank=r, world=2) for r in range(2)]
     assert sorted(i for b in one for i in b) == list(range(23))
     assert sorted(map(tuple, two[0] + two[1])) == sorted(map(tuple, one))  # same batches, split between ranks
+
+
+def test_tiny_calibration_records_the_weights_identity_and_cached_files_without_one_still_load(tiny_path, tmp_path,
+                                                                                               caplog):
+    """llava.tiny's cached thresholds carry the tiny tower's weights identity and load onto it without a warning;
+    a cached file from before the identity was recorded (no ``weights_sha256`` key) loads and applies too."""
+    import logging
+
+    import torch
+
+    import dymu
+    import llava
+    from dymu.thresholds import weights_identity
+
+    cached = tiny_path / "thresholds" / "mid.json"
+    thresholds = dymu.Thresholds.load(cached)
+    with caplog.at_level(logging.INFO, logger="dymu"):
+        pipe = llava.load_model(tiny_path, dymu=cached, dtype=torch.float32)
+        assert thresholds.weights_sha256 == weights_identity(pipe.tower, len(thresholds.values))
+        payload = json.loads(cached.read_text())
+        del payload["weights_sha256"]
+        (tmp_path / "old.json").write_text(json.dumps(payload))
+        llava.load_model(tiny_path, dymu=tmp_path / "old.json", dtype=torch.float32)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("dymu")] == []

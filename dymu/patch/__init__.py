@@ -129,8 +129,9 @@ def apply_dtome(
     Args:
         model: a ``CLIPVisionModel`` / ``SiglipVisionModel`` or a model containing one
             (``LlavaForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``).
-        thresholds: per-layer thresholds (:class:`~dymu.Thresholds`, validated against the encoder), or
-            any merge rule callable ``rule(layer, scores) -> mask``.
+        thresholds: per-layer thresholds (:class:`~dymu.Thresholds`, validated against the encoder; a
+            weights identity that differs from the tower's is logged as a WARNING, see
+            :meth:`~dymu.Thresholds.check_weights`), or any merge rule callable ``rule(layer, scores) -> mask``.
         tome_r: instead of thresholds, the fixed-r ToMe baseline with per-layer budgets ``r_l``.
         feature_layer: hidden-state index that feeds the LLM; layers after it are not run. Default: the
             LLaVA config's ``vision_feature_layer`` if ``model`` is a LLaVA model, else -1.
@@ -160,6 +161,7 @@ def apply_dtome(
         rule: MergeRule = FixedRRule(list(tome_r))
     elif isinstance(thresholds, Thresholds):
         thresholds.check(spec, n_run)
+        thresholds.check_weights(tower)  # other weights of the same geometry: a WARNING, not an error
         rule = ThresholdRule(thresholds.values[:n_run])
     else:
         rule = thresholds
