@@ -122,7 +122,7 @@ def remerge(out: torch.Tensor, vtu: VTUInputs) -> torch.Tensor:
     """Average virtual outputs over each group: ``o_j = (1 / n_j) * sum_{p in G_j} o_p``.
 
     Padding positions contribute nothing (they are summed into a discarded row); groups with no real member
-    give 0. Accumulates in float32 (``index_add_``; no torch_scatter needed).
+    give 0. Accumulates in float32 (float64 for float64 inputs; ``index_add_``, no torch_scatter needed).
 
     Args:
         out: ``(B, L, C)`` attention outputs at virtual positions.
@@ -133,7 +133,8 @@ def remerge(out: torch.Tensor, vtu: VTUInputs) -> torch.Tensor:
     """
     b, length, c = out.shape
     lm = vtu.merged_length
-    summed = out.new_zeros(b * lm + 1, c, dtype=torch.float32).index_add_(0, vtu.flat_index, out.reshape(b * length, c).float())
+    acc = torch.promote_types(out.dtype, torch.float32)  # float32 for half types, float64 stays float64
+    summed = out.new_zeros(b * lm + 1, c, dtype=acc).index_add_(0, vtu.flat_index, out.reshape(b * length, c).to(acc))
     return (summed[:-1].view(b, lm, c) / vtu.counts.clamp_min(1.0)[..., None]).to(out.dtype)
 
 
