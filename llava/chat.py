@@ -15,9 +15,35 @@ from dymu.vis import save_png
 from .factory import load_from_config
 from .model import load_image
 
-__all__ = ["ChatResult", "chat_from_config", "free_path"]
+__all__ = ["ChatArgumentError", "ChatResult", "chat_from_config", "check_chat_args", "free_path"]
 
 logger = logging.getLogger(__name__)
+
+EXAMPLE = ('python scripts/chat.py model=llava15_tiny dymu=mid image=eval/data/sample/images/coffee.jpg '
+           'prompt="What is this?"')
+_MISSING = "???"  # OmegaConf's mandatory-value marker, as ``OmegaConf.to_container`` leaves it
+
+
+class ChatArgumentError(ValueError):
+    """A required chat argument (``image``, ``prompt``) is missing or empty; the message names it."""
+
+
+def check_chat_args(cfg: Mapping) -> None:
+    """Fail before the model loads when ``image`` or ``prompt`` is absent, empty or Hydra's unset ``???``.
+
+    Raises:
+        ChatArgumentError: naming every missing argument, with an example command.
+    """
+    problems = []
+    for key in ("image", "prompt"):
+        value = cfg.get(key)
+        if value is None or str(value).strip() == _MISSING:
+            problems.append(f"{key}= is missing")
+        elif not str(value).strip():
+            problems.append(f"{key} is empty")
+    if problems:
+        raise ChatArgumentError(f"{' and '.join(problems)}: pass the image path (image=PATH) and the question "
+                                f'(prompt="..."), e.g.\n  {EXAMPLE}')
 
 
 @dataclass
@@ -64,13 +90,12 @@ def chat_from_config(cfg: Mapping) -> ChatResult:
     PNG; otherwise a free name ``<stem>-<k>.png`` is used and nothing is lost).
 
     Raises:
-        ValueError: an empty prompt, an unreadable image (named), or a bad budget; before the model loads
-            where possible.
+        ChatArgumentError: (a ValueError) ``image`` or ``prompt`` missing or empty (:func:`check_chat_args`).
+        ValueError: an unreadable image (named) or a bad budget; before the model loads where possible.
         FileNotFoundError: the image does not exist.
     """
-    prompt = str(cfg.get("prompt") or "").strip()
-    if not prompt:
-        raise ValueError('prompt is empty; pass prompt="your question about the image".')
+    check_chat_args(cfg)
+    prompt = str(cfg["prompt"]).strip()
     image_path = Path(str(cfg["image"]))
     if not image_path.is_file():
         raise FileNotFoundError(f"image {image_path} does not exist; pass image=PATH to an image file.")

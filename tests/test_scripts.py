@@ -29,7 +29,13 @@ def test_eval_script_writes_predictions_metrics_and_resumes(tiny_cache, tmp_path
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["n_samples"] == 5 and set(metrics["visual_tokens"]) == {"mean", "std", "min", "max"}
     assert set(metrics["metrics"]) >= {"accuracy"} and metrics["seconds_per_sample"] > 0
-    assert list((out_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"
+    from test_newcomer import readme_metrics_example
+
+    example = readme_metrics_example()  # the README's trimmed metrics.json shows fields a real run writes
+    assert set(example) <= set(metrics), set(example) - set(metrics)
+    assert set(example["visual_tokens"]) == set(metrics["visual_tokens"])
+    assert set(example["metrics"]) == set(metrics["metrics"])
+    assert list((tmp_path / "outputs" / "wandb").glob("offline-run-*")), "wandb offline run missing"  # wandb.dir
 
     second = run_script([str(REPO / "scripts" / "eval.py"), "model=llava15_tiny", "dymu=mid", "benchmark=sample",
                          "limit=7", "wandb.mode=disabled"], tiny_cache, tmp_path)
