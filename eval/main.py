@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from dymu.thresholds import PACKAGED_DIR
 from llava.factory import load_from_config, thresholds_source
 
 from .fingerprint import check_fingerprint, experiment_fingerprint
-from .runner import PREDICTIONS, Generate, check_output_dir, raise_if_failed, read_predictions, run_benchmark
+from .runner import (PREDICTIONS, Generate, check_output_dir, has_predictions, raise_if_failed, read_predictions,
+                     run_benchmark)
 from .tracking import init_wandb, log_results
 
 __all__ = ["evaluate", "make_generate", "check_config"]
@@ -74,11 +76,12 @@ def _evaluate(cfg: DictConfig, output_dir: Path, device: str) -> dict[str, Any]:
         raise err.__cause__ from None
     pipe = load_from_config(cfg.model, cfg.dymu, device=device, budget=cfg.get("budget"))
     generate = make_generate(pipe, cfg.max_new_tokens)
-    fingerprint = experiment_fingerprint(OmegaConf.to_container(cfg, resolve=True), pipe, _thresholds_file(cfg))
-    if rank == 0:  # before anything is logged: refuse to resume another experiment's folder
-        check_fingerprint(output_dir, fingerprint, has_records=_has_predictions(output_dir), write=False)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    fingerprint = experiment_fingerprint(resolved, pipe, _thresholds_file(cfg))
+    if rank == 0:  # before wandb starts: refuse to resume another experiment's folder
+        check_fingerprint(output_dir, fingerprint, has_records=has_predictions(output_dir), write=False)
 
-    run = init_wandb(cfg.wandb, OmegaConf.to_container(cfg, resolve=True), output_dir) if rank == 0 else None
+    run = init_wandb(cfg.wandb, resolved, output_dir) if rank == 0 else None
     metrics = run_benchmark(
         generate,
         benchmark,
@@ -108,10 +111,6 @@ def _thresholds_file(cfg: DictConfig) -> Path | None:
     return Path(source) if source.endswith(".json") or Path(source).is_file() else PACKAGED_DIR / f"{source}.json"
 
 
-def _has_predictions(output_dir: Path) -> bool:
-    return (output_dir / PREDICTIONS).is_file() or any(output_dir.glob("predictions.rank*.jsonl"))
-
-
 def _retry_command() -> str | None:
     """``python scripts/eval.py <this run's overrides> retry_failed=true`` (None outside a Hydra run)."""
     from hydra.core.hydra_config import HydraConfig
@@ -119,13 +118,8 @@ def _retry_command() -> str | None:
     if not HydraConfig.initialized():
         return None
     overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("retry_failed=")]
-    return " ".join(["python scripts/eval.py", *map(_quote, overrides), "retry_failed=true"])
+    return " ".join(["python scripts/eval.py", *map(shlex.quote, overrides), "retry_failed=true"])
 
-
-def _quote(override: str) -> str:
-    import shlex
-
-    return shlex.quote(override)
 
 
 def check_config(cfg: DictConfig) -> None:

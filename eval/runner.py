@@ -29,7 +29,7 @@ from .benchmarks.base import Benchmark, Sample
 from .fingerprint import check_fingerprint
 from .jsonio import dumps, write_json_atomic, write_text_atomic
 
-__all__ = ["run_benchmark", "read_predictions", "summarise", "check_output_dir", "failure_summary",
+__all__ = ["run_benchmark", "read_predictions", "summarise", "check_output_dir", "has_predictions", "failure_summary",
            "raise_if_failed", "RunFailedError"]
 
 logger = logging.getLogger(__name__)
@@ -110,8 +110,12 @@ def summarise(records: Sequence[dict], benchmark: Benchmark, expected: int | Non
     failed = failure_summary(records)
     expected = len(records) if expected is None else expected
     answered = len(records) - failed["count"]
-    status = "failed" if answered == 0 and expected > 0 else (
-        "complete" if answered == expected == len(records) else "incomplete")
+    if answered == expected == len(records):
+        status = "complete"
+    elif answered == 0:
+        status = "failed"
+    else:
+        status = "incomplete"
     return {
         "benchmark": benchmark.name,
         "status": status,
@@ -156,15 +160,20 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+def has_predictions(output_dir: str | os.PathLike) -> bool:
+    """True if ``output_dir`` holds ``predictions.jsonl`` or a rank file of an interrupted data-parallel run."""
+    output_dir = Path(output_dir)
+    return (output_dir / PREDICTIONS).exists() or any(output_dir.glob("predictions.rank*.jsonl"))
+
+
 def check_output_dir(output_dir: str | os.PathLike, resume: bool) -> None:
     """Refuse to start over predictions of an earlier run unless resuming (call it before any work).
 
     Raises:
         FileExistsError: ``predictions.jsonl`` (or a rank file) exists in ``output_dir`` and ``resume`` is False.
     """
-    output_dir = Path(output_dir)
-    pred_path = output_dir / PREDICTIONS
-    if not resume and (pred_path.exists() or any(output_dir.glob("predictions.rank*.jsonl"))):
+    pred_path = Path(output_dir) / PREDICTIONS
+    if not resume and has_predictions(output_dir):
         raise FileExistsError(f"{pred_path} exists; pass resume=true to continue it (nothing is overwritten), or "
                               "choose another output_dir.")
 
