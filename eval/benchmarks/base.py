@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import abc
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Benchmark", "Sample", "check_limit", "iter_jsonl"]
+__all__ = ["ALLOW_EXTERNAL_HINT", "Benchmark", "Sample", "check_limit", "data_path", "iter_jsonl"]
 
 
 @dataclass
@@ -28,6 +29,49 @@ def check_limit(limit: int | None) -> None:
     """Raise ``ValueError`` unless ``limit`` (samples to keep) is None or >= 0."""
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be None or >= 0, got {limit}")
+
+
+ALLOW_EXTERNAL_HINT = (
+    "if you trust this file, pass allow_external_images=True (Hydra: benchmark.task.allow_external_images=true)"
+)
+
+
+def data_path(folder: Path, name: str, data_dir: Path, where: str, *, allow_external: bool = False,
+              what: str = "image") -> Path:
+    """``folder / name`` for a file ``name`` that a benchmark file names, kept inside ``data_dir``.
+
+    Benchmark files (questions JSON / JSONL, ...) name their images relative to a folder of the data folder.
+    A name that is absolute or climbs out with ``..`` would make the benchmark read (and show the model, or
+    a judge) any file on the machine, so it is refused unless the user opts in. The check is on the path as
+    written (``..`` collapsed, symlinks not followed): a data folder whose ``images/`` is a symlink to a
+    shared copy (e.g. COCO's ``val2014``) keeps working.
+
+    Args:
+        folder: the folder ``name`` is relative to (``data_dir`` or a folder inside it).
+        name: the path as the benchmark file gives it.
+        data_dir: the data folder ``name`` must stay in.
+        where: the location for the error message, e.g. ``"questions.jsonl:3"``.
+        allow_external: accept any path (the user trusts the file): ``allow_external_images=True``.
+        what: what the path is, for the message ("image", "video").
+
+    Returns:
+        ``folder / name`` (not resolved, not checked for existence).
+
+    Raises:
+        ValueError: ``name`` leads outside ``data_dir`` and ``allow_external`` is False; the message names
+            ``where``, the path, the data folder and the opt-in.
+    """
+    path = Path(folder) / name
+    if allow_external:
+        return path
+    root = os.path.abspath(data_dir)
+    target = os.path.abspath(path)  # lexical: "a/../b" -> "b"; symlinks untouched
+    if os.path.commonpath([root, target]) != root:
+        raise ValueError(
+            f"{where}: {what} path {name!r} leads outside the data folder {root} (to {target}); benchmark files "
+            f"may only name {what}s inside their data folder. Fix the path, or {ALLOW_EXTERNAL_HINT}"
+        )
+    return path
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, str, dict]]:

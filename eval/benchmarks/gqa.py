@@ -31,7 +31,7 @@ import string
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample, check_limit, iter_jsonl
+from eval.benchmarks.base import Benchmark, Sample, check_limit, data_path, iter_jsonl
 from eval.metrics import mean
 
 __all__ = ["GQABenchmark", "normalize_gqa_answer", "gqa_match"]
@@ -82,11 +82,14 @@ class GQABenchmark(Benchmark):
         hub_id: Hugging Face dataset id used when ``data_dir`` is None.
         image_cache_dir: where Hub images are written (default ``$DYMU_CACHE_DIR/benchmarks/gqa``,
             or ``~/.cache/dymu/benchmarks/gqa``); unused for local data.
+        allow_external_images: accept image paths in the local question files that lead outside
+            ``data_dir`` (absolute, or with ``..``); refused by default.
 
     Raises:
         FileNotFoundError: ``data_dir``, the questions JSON, or an image is missing.
         ValueError: a question entry or JSONL line is malformed (the message names the file and the
-            question id or line number).
+            question id or line number), or names an image outside ``data_dir`` without
+            ``allow_external_images``.
     """
 
     name = "gqa"
@@ -97,12 +100,14 @@ class GQABenchmark(Benchmark):
         limit: int | None = None,
         hub_id: str | None = DEFAULT_HUB_ID,
         image_cache_dir: str | None = None,
+        allow_external_images: bool = False,
     ) -> None:
         check_limit(limit)
         self.hub_id = hub_id
+        self.allow_external_images = bool(allow_external_images)
         if data_dir is not None:
             self.data_dir: Path | None = Path(data_dir).resolve()
-            self._samples = _load_local(self.data_dir, self.hub_id)
+            self._samples = _load_local(self.data_dir, self.hub_id, self.allow_external_images)
             source = str(self.data_dir)
         elif hub_id:
             self.data_dir = None
@@ -138,7 +143,7 @@ def _first_existing(data_dir: Path, name: str) -> Path | None:
     return None
 
 
-def _load_local(data_dir: Path, hub_id: str | None) -> list[Sample]:
+def _load_local(data_dir: Path, hub_id: str | None, allow_external_images: bool = False) -> list[Sample]:
     if not data_dir.is_dir():
         hub = f", or set data_dir=null (benchmark.task.data_dir=null) to load {hub_id} from the Hub" if hub_id else ""
         raise FileNotFoundError(f"GQA data folder {data_dir} does not exist; {DOWNLOAD_HINT} into it{hub}")
@@ -158,7 +163,7 @@ def _load_local(data_dir: Path, hub_id: str | None) -> list[Sample]:
                 for qid, entry in entries.items()]
     samples = []
     for qid, image_name, question, where in rows:
-        image_path = images_dir / image_name
+        image_path = data_path(images_dir, image_name, data_dir, where, allow_external=allow_external_images)
         if not image_path.is_file():
             raise FileNotFoundError(
                 f"{where}: image {image_path} does not exist; put GQA's images/ folder next to {questions_path.name}"
@@ -248,20 +253,34 @@ def _load_hub(hub_id: str, cache: Path) -> list[Sample]:
     image_feature = _hub.hub_image_feature(hub_id, local_hint)
     images = _hub.load_dataset(hub_id, HUB_IMAGES_CONFIG, split=HUB_SPLIT, local_hint=local_hint)
     images = images.cast_column("image", image_feature(decode=False))  # raw file bytes: no re-encoding
+    questions = _hub.load_dataset(hub_id, HUB_QUESTIONS_CONFIG, split=HUB_SPLIT, local_hint=local_hint)
+    return _samples_from_hub_rows(images, questions, cache, hub_id)
+
+
+def _samples_from_hub_rows(image_rows, question_rows, cache: Path, source: str) -> list[Sample]:
+    """Samples from the Hub layout: ``image_rows`` (``id``, undecoded ``image``) written to ``cache/images``,
+    then ``question_rows`` (``id``, ``imageId``, ``question``, ``answer``, ...).
+
+    Image file names come from :func:`eval.benchmarks._hub.cache_file_name` (an id such as ``../../x`` cannot
+    leave the cache); the sample ids stay the dataset's ids.
+
+    Raises:
+        ValueError: an image row without an id or image bytes (nothing is written for it), or a question whose
+            image is not among ``image_rows``.
+    """
     image_dir = cache / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    for row in images:
-        path = image_dir / f"{row['id']}.jpg"
-        if not path.is_file():
-            path.write_bytes(row["image"]["bytes"] or Path(row["image"]["path"]).read_bytes())
-        paths[row["id"]] = path
+    for number, row in enumerate(image_rows):
+        where = f"{source} {HUB_IMAGES_CONFIG} row {number}"
+        if row.get("id") is None or str(row["id"]) == "":
+            raise ValueError(f"{where}: no 'id'; every image row needs the image id its questions refer to")
+        paths[str(row["id"])] = _hub.cache_image_bytes(image_dir, row["id"], row.get("image"), where)
     samples = []
-    for row in _hub.load_dataset(hub_id, HUB_QUESTIONS_CONFIG, split=HUB_SPLIT, local_hint=local_hint):
-        if row["imageId"] not in paths:
-            raise ValueError(f"{hub_id}: question {row['id']} refers to image {row['imageId']}, "
+    for row in question_rows:
+        if str(row["imageId"]) not in paths:
+            raise ValueError(f"{source}: question {row['id']} refers to image {row['imageId']}, "
                              f"which is not in its {HUB_IMAGES_CONFIG} config")
-        samples.append(Sample(id=str(row["id"]), image_paths=[str(paths[row["imageId"]])],
+        samples.append(Sample(id=str(row["id"]), image_paths=[str(paths[str(row["imageId"])])],
                               question=row["question"], answers=[row["answer"]], answer_type="short",
                               meta=_meta(row)))
     return samples

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Sample, iter_jsonl
+from eval.benchmarks.base import Sample, data_path, iter_jsonl
 from eval.benchmarks.judge import JudgeClient, JudgedBenchmark, JudgeError
 
 __all__ = ["CATEGORIES", "LLaVABenchWildBenchmark", "llava_wild_judge_messages", "parse_review_scores",
@@ -111,11 +111,13 @@ class LLaVABenchWildBenchmark(JudgedBenchmark):
         judge: a :class:`~eval.benchmarks.judge.JudgeClient`, or a mapping of its arguments (the Hydra
             ``judge`` node); None: the defaults (gpt-4-0613, ``$OPENAI_API_KEY``, no cache).
         hub_id: Hugging Face dataset id used when ``data_dir`` is None.
+        allow_external_images: accept image paths in the local files that lead outside ``data_dir``
+            (absolute, or with ``..``); refused by default.
 
     Raises:
         FileNotFoundError: ``data_dir`` lacks one of the three JSONL files.
         ValueError: a malformed line (names file and line), a question without reference answer or caption,
-            or a missing image.
+            a missing image, or (without ``allow_external_images``) an image outside ``data_dir``.
     """
 
     name = "llava_bench"
@@ -125,12 +127,13 @@ class LLaVABenchWildBenchmark(JudgedBenchmark):
     data_hint = "the llava-bench-in-the-wild folder"
 
     def __init__(self, data_dir: str | None = None, limit: int | None = None,
-                 judge: JudgeClient | Mapping | None = None, hub_id: str | None = DEFAULT_HUB_ID) -> None:
-        super().__init__(data_dir, limit, judge, hub_id)
+                 judge: JudgeClient | Mapping | None = None, hub_id: str | None = DEFAULT_HUB_ID,
+                 allow_external_images: bool = False) -> None:
+        super().__init__(data_dir, limit, judge, hub_id, allow_external_images)
 
     @staticmethod
-    def _read_local(data_dir: Path) -> list[Sample]:
-        return _load_local(data_dir)
+    def _read_local(data_dir: Path, allow_external_images: bool = False) -> list[Sample]:
+        return _load_local(data_dir, allow_external_images)
 
     def reviews(self, records: list[dict]) -> dict[str, tuple[float, float] | None] | None:
         """``(reference, prediction)`` judge scores per record id (None for an unparseable review), or None
@@ -201,8 +204,9 @@ def _ordered(categories: set[str]) -> list[str]:
     return sorted(categories, key=lambda c: (CATEGORIES.index(c) if c in CATEGORIES else len(CATEGORIES), c))
 
 
-def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
-    """Objects of a JSONL file with the ``required`` keys, validated (errors name file and line)."""
+def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[tuple[str, dict]]:
+    """``("<path>:<line>", object)`` per line of a JSONL file with the ``required`` keys, validated (errors name
+    file and line)."""
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found; download liuhaotian/llava-bench-in-the-wild (questions.jsonl, answers_gpt4.jsonl, "
@@ -213,13 +217,13 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
         missing = [key for key in required if key not in row]
         if missing:
             raise ValueError(f"{where}: missing key(s) {missing}; every line needs {list(required)}")
-        rows.append(row)
+        rows.append((where, row))
     if not rows:
         raise ValueError(f"{path} holds no lines")
     return rows
 
 
-def _load_local(data_dir: Path) -> list[Sample]:
+def _load_local(data_dir: Path, allow_external_images: bool = False) -> list[Sample]:
     if not data_dir.is_dir():
         raise FileNotFoundError(
             f"LLaVA-Bench data_dir {data_dir} does not exist; download liuhaotian/llava-bench-in-the-wild and pass "
@@ -227,11 +231,11 @@ def _load_local(data_dir: Path) -> list[Sample]:
         )
     questions = _read_jsonl(data_dir / "questions.jsonl", ("question_id", "image", "text", "category"))
     answers_path = data_dir / "answers_gpt4.jsonl"
-    references = {str(r["question_id"]): r["text"] for r in _read_jsonl(answers_path, ("question_id", "text"))}
+    references = {str(r["question_id"]): r["text"] for _, r in _read_jsonl(answers_path, ("question_id", "text"))}
     context_path = data_dir / "context.jsonl"
-    captions = {r["image"]: r["caption"] for r in _read_jsonl(context_path, ("image", "caption"))}
+    captions = {r["image"]: r["caption"] for _, r in _read_jsonl(context_path, ("image", "caption"))}
     samples, seen = [], set()
-    for row in questions:
+    for where, row in questions:
         question_id = str(row["question_id"])
         if question_id in seen:
             raise ValueError(f"{data_dir / 'questions.jsonl'}: duplicate question_id {question_id}")
@@ -240,7 +244,8 @@ def _load_local(data_dir: Path) -> list[Sample]:
             raise ValueError(f"{answers_path} has no reference answer for question_id {question_id}")
         if row["image"] not in captions:
             raise ValueError(f"{context_path} has no caption for image {row['image']!r} (question {question_id})")
-        image = data_dir / "images" / row["image"]
+        image = data_path(data_dir / "images", str(row["image"]), data_dir, where,
+                          allow_external=allow_external_images)
         if not image.is_file():
             raise ValueError(f"question {question_id}: image {image} does not exist")
         samples.append(Sample(id=question_id, image_paths=[str(image.resolve())], question=row["text"],

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Sample
+from eval.benchmarks.base import Sample, data_path
 from eval.benchmarks.judge import JudgeClient, JudgedBenchmark, JudgeError
 
 __all__ = ["CAPABILITIES", "MMVetBenchmark", "mmvet_judge_prompt", "parse_mmvet_score"]
@@ -104,10 +104,13 @@ class MMVetBenchmark(JudgedBenchmark):
         judge: a :class:`~eval.benchmarks.judge.JudgeClient`, or a mapping of its arguments (the Hydra
             ``judge`` node); None: the defaults (gpt-4-0613, ``$OPENAI_API_KEY``, no cache).
         hub_id: Hugging Face dataset id used when ``data_dir`` is None.
+        allow_external_images: accept image paths in the local files that lead outside ``data_dir``
+            (absolute, or with ``..``); refused by default.
 
     Raises:
         FileNotFoundError: no ``mm-vet.json`` in ``data_dir``.
-        ValueError: a malformed entry (names the entry and what to fix) or a missing image.
+        ValueError: a malformed entry (names the entry and what to fix), a missing image, or (without
+            ``allow_external_images``) an ``imagename`` outside ``data_dir``.
     """
 
     name = "mmvet"
@@ -117,12 +120,13 @@ class MMVetBenchmark(JudgedBenchmark):
     data_hint = "a folder with mm-vet.json and images/"
 
     def __init__(self, data_dir: str | None = None, limit: int | None = None,
-                 judge: JudgeClient | Mapping | None = None, hub_id: str | None = DEFAULT_HUB_ID) -> None:
-        super().__init__(data_dir, limit, judge, hub_id)
+                 judge: JudgeClient | Mapping | None = None, hub_id: str | None = DEFAULT_HUB_ID,
+                 allow_external_images: bool = False) -> None:
+        super().__init__(data_dir, limit, judge, hub_id, allow_external_images)
 
     @staticmethod
-    def _read_local(data_dir: Path) -> list[Sample]:
-        return _load_local(data_dir)
+    def _read_local(data_dir: Path, allow_external_images: bool = False) -> list[Sample]:
+        return _load_local(data_dir, allow_external_images)
 
     def judge_scores(self, records: list[dict]) -> dict[str, float] | None:
         """Judge score in [0, 1] per record id, or None when any record could not be judged (no key, or the
@@ -194,7 +198,7 @@ class MMVetBenchmark(JudgedBenchmark):
         return samples
 
 
-def _load_local(data_dir: Path) -> list[Sample]:
+def _load_local(data_dir: Path, allow_external_images: bool = False) -> list[Sample]:
     """Parse and validate ``mm-vet.json`` (in ``data_dir`` or ``data_dir/mm-vet``)."""
     path = next((p for p in (data_dir / DATA_FILE, data_dir / "mm-vet" / DATA_FILE) if p.is_file()), None)
     if path is None:
@@ -224,7 +228,8 @@ def _load_local(data_dir: Path) -> list[Sample]:
         if not isinstance(capability, list) or not capability or not all(isinstance(c, str) for c in capability):
             raise ValueError(f"{where}: 'capability' must be a non-empty list of strings such as ['ocr', 'math'], "
                              f"got {capability!r}")
-        image = path.parent / "images" / entry["imagename"]
+        image = data_path(path.parent / "images", entry["imagename"], data_dir, where,
+                          allow_external=allow_external_images)
         if not image.is_file():
             raise ValueError(f"{where}: image {image} does not exist (images live in {path.parent / 'images'})")
         samples.append(Sample(id=question_id, image_paths=[str(image.resolve())], question=entry["question"],

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample, check_limit, iter_jsonl
+from eval.benchmarks.base import Benchmark, Sample, check_limit, data_path, iter_jsonl
 
 __all__ = ["POPEBenchmark", "SPLITS", "pope_answer", "pope_metrics"]
 
@@ -116,10 +116,13 @@ class POPEBenchmark(Benchmark):
         hub_id: Hugging Face dataset id used when ``data_dir`` is None.
         image_cache_dir: where Hub images are written (default ``$DYMU_CACHE_DIR/benchmarks/pope``,
             or ``~/.cache/dymu/benchmarks/pope``); unused for local data.
+        allow_external_images: accept ``image`` paths in the local split files that lead outside ``data_dir``
+            (absolute, or with ``..``); refused by default. A ``val2014`` symlink to a shared COCO copy is fine.
 
     Raises:
         FileNotFoundError: ``data_dir``, a split's file, or an image is missing.
-        ValueError: a line is malformed (the message names the file and line), or an unknown split.
+        ValueError: a line is malformed (the message names the file and line), an unknown split, or (without
+            ``allow_external_images``) an image outside ``data_dir``.
     """
 
     name = "pope"
@@ -131,8 +134,10 @@ class POPEBenchmark(Benchmark):
         splits: Sequence[str] = SPLITS,
         hub_id: str | None = DEFAULT_HUB_ID,
         image_cache_dir: str | None = None,
+        allow_external_images: bool = False,
     ) -> None:
         check_limit(limit)
+        self.allow_external_images = bool(allow_external_images)
         self.splits = tuple(str(split) for split in splits)
         unknown = [split for split in self.splits if split not in SPLITS]
         if unknown or not self.splits or len(set(self.splits)) != len(self.splits):
@@ -140,7 +145,7 @@ class POPEBenchmark(Benchmark):
         self.hub_id = hub_id
         if data_dir is not None:
             self.data_dir: Path | None = Path(data_dir).resolve()
-            by_split = _load_local(self.data_dir, self.splits, hub_id)
+            by_split = _load_local(self.data_dir, self.splits, hub_id, self.allow_external_images)
             source = str(self.data_dir)
         elif hub_id:
             self.data_dir = None
@@ -205,7 +210,8 @@ def _split_of(record: dict) -> str:
     return split
 
 
-def _load_local(data_dir: Path, splits: tuple[str, ...], hub_id: str | None) -> dict[str, list[Sample]]:
+def _load_local(data_dir: Path, splits: tuple[str, ...], hub_id: str | None,
+                allow_external_images: bool = False) -> dict[str, list[Sample]]:
     if not data_dir.is_dir():
         hub = f", or set data_dir=null (benchmark.task.data_dir=null) to load {hub_id} from the Hub" if hub_id else ""
         raise FileNotFoundError(f"POPE data folder {data_dir} does not exist; {DOWNLOAD_HINT} into it{hub}")
@@ -219,12 +225,14 @@ def _load_local(data_dir: Path, splits: tuple[str, ...], hub_id: str | None) -> 
                 f"{data_dir} has no {name} (looked in {data_dir} and {data_dir / 'coco'}); {DOWNLOAD_HINT}, "
                 f"or choose the splits you have with splits=[...]"
             )
-        by_split[split] = _read_split(path, split, images_dir)
+        by_split[split] = _read_split(path, split, images_dir, data_dir, allow_external_images)
     return by_split
 
 
-def _read_split(path: Path, split: str, images_dir: Path) -> list[Sample]:
-    """Parse and validate one POPE JSONL file; blank lines are skipped."""
+def _read_split(path: Path, split: str, images_dir: Path, data_dir: Path | None = None,
+                allow_external_images: bool = False) -> list[Sample]:
+    """Parse and validate one POPE JSONL file; blank lines are skipped. Images must lie in ``data_dir``
+    (default: ``images_dir``'s parent) unless ``allow_external_images``."""
     samples: list[Sample] = []
     seen: dict[str, int] = {}
     for line_number, where, row in iter_jsonl(path):
@@ -241,7 +249,8 @@ def _read_split(path: Path, split: str, images_dir: Path) -> list[Sample]:
         if qid in seen:
             raise ValueError(f"{where}: duplicate question_id {qid!r} (first on line {seen[qid]})")
         seen[qid] = line_number
-        image_path = images_dir / row["image"]
+        image_path = data_path(images_dir, row["image"], data_dir or images_dir.parent, where,
+                               allow_external=allow_external_images)
         if not image_path.is_file():
             raise FileNotFoundError(
                 f"{where}: image {image_path} does not exist; put COCO's val2014 images in {images_dir}"

@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from eval.benchmarks.base import Benchmark, Sample, check_limit
+from eval.benchmarks.base import Benchmark, Sample, check_limit, data_path
 from eval.metrics import exact_match, mean, normalize_answer, yes_no_match
 
 __all__ = ["SampleBenchmark"]
@@ -34,17 +34,21 @@ class SampleBenchmark(Benchmark):
         data_dir: folder holding ``questions.jsonl`` and its images; defaults to the
             packaged ``eval/data/sample``.
         limit: keep only the first ``limit`` questions (all when None).
+        allow_external_images: accept ``image`` paths that lead outside ``data_dir`` (absolute, or
+            with ``..``); refused by default.
 
     Raises:
         FileNotFoundError: ``questions.jsonl`` is missing from ``data_dir``.
-        ValueError: a line of ``questions.jsonl`` is malformed; the message names the
-            file, the line number and what to fix.
+        ValueError: a line of ``questions.jsonl`` is malformed, or (without ``allow_external_images``)
+            names an image outside ``data_dir``; the message names the file, the line number and what to fix.
     """
 
     name = "sample"
 
-    def __init__(self, data_dir: str | None = None, limit: int | None = None) -> None:
+    def __init__(self, data_dir: str | None = None, limit: int | None = None,
+                 allow_external_images: bool = False) -> None:
         check_limit(limit)
+        self.allow_external_images = bool(allow_external_images)
         self.data_dir = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
         path = self.data_dir / QUESTIONS_FILE
         if not path.is_file():
@@ -52,7 +56,7 @@ class SampleBenchmark(Benchmark):
                 f"{path} not found; pass data_dir= a folder containing {QUESTIONS_FILE} "
                 "or run scripts/make_sample_benchmark.py to create the packaged one"
             )
-        self._samples = _load_questions(path)
+        self._samples = _load_questions(path, self.allow_external_images)
         if limit is not None:
             self._samples = self._samples[:limit]
         logger.info("loaded %d samples from %s", len(self._samples), path)
@@ -92,7 +96,7 @@ class SampleBenchmark(Benchmark):
         return metrics
 
 
-def _load_questions(path: Path) -> list[Sample]:
+def _load_questions(path: Path, allow_external_images: bool = False) -> list[Sample]:
     """Parse and validate a questions JSONL file; blank lines are skipped."""
     samples: list[Sample] = []
     first_line_of: dict[str, int] = {}
@@ -100,7 +104,7 @@ def _load_questions(path: Path) -> list[Sample]:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            sample = _parse_line(line, path, line_number)
+            sample = _parse_line(line, path, line_number, allow_external_images)
             if sample.id in first_line_of:
                 raise ValueError(
                     f"{path}:{line_number}: duplicate question_id {sample.id!r} "
@@ -113,8 +117,9 @@ def _load_questions(path: Path) -> list[Sample]:
     return samples
 
 
-def _parse_line(line: str, path: Path, line_number: int) -> Sample:
-    """Turn one JSONL line into a ``Sample``, raising ValueError at ``path:line_number`` if invalid."""
+def _parse_line(line: str, path: Path, line_number: int, allow_external_images: bool = False) -> Sample:
+    """Turn one JSONL line into a ``Sample``, raising ValueError at ``path:line_number`` if invalid (or if its
+    image leads outside ``path``'s folder and not ``allow_external_images``)."""
     where = f"{path}:{line_number}"
     try:
         row = json.loads(line)
@@ -143,7 +148,8 @@ def _parse_line(line: str, path: Path, line_number: int) -> Sample:
     if answer_type == "yes_no" and any(normalize_answer(a) not in ("yes", "no") for a in answers):
         raise ValueError(f"{where}: a yes_no question needs the answer 'yes' or 'no', got {row['answer']!r}")
 
-    image_path = (path.parent / row["image"]).resolve()
+    image_path = data_path(path.parent, row["image"], path.parent, where,
+                           allow_external=allow_external_images).resolve()
     if not image_path.is_file():
         raise ValueError(
             f"{where}: image file {image_path} does not exist; 'image' is relative to {path.parent}"

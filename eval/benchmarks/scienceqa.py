@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample, check_limit
+from eval.benchmarks.base import Benchmark, Sample, check_limit, data_path
 from eval.benchmarks.choices import (
     MULTIPLE_CHOICE_PROMPT,
     accuracy_by,
@@ -70,14 +70,16 @@ class ScienceQABenchmark(Benchmark):
         image_cache_dir: where images from the hub are written once; default
             ``$DYMU_CACHE_DIR/benchmarks/scienceqa`` (``~/.cache/dymu/...``). Unused for local data.
         hub_id, hub_config, hub_split: the Hugging Face dataset used when ``data_dir`` is None.
+        allow_external_images: accept problem ids / ``image`` names in the local ``problems.json`` that lead
+            outside ``data_dir`` (absolute, or with ``..``); refused by default.
 
     Samples have the problem id as id, ``answers == [letter]`` and ``meta`` with ``options``,
     ``answer_letter``, ``hint``, ``subject``, ``grade`` and the other fields of the problem.
 
     Raises:
         FileNotFoundError: ``data_dir`` or ``problems.json`` is missing (says where to get them).
-        ValueError: a malformed problem or a missing image; the message names the file, the problem
-            id and what to fix.
+        ValueError: a malformed problem, a missing image, or (without ``allow_external_images``) an image
+            outside ``data_dir``; the message names the file, the problem id and what to fix.
     """
 
     name = "scienceqa"
@@ -91,10 +93,12 @@ class ScienceQABenchmark(Benchmark):
         hub_id: str | None = "lmms-lab/ScienceQA",
         hub_config: str | None = "ScienceQA-IMG",
         hub_split: str = "test",
+        allow_external_images: bool = False,
     ) -> None:
         check_limit(limit)
+        self.allow_external_images = bool(allow_external_images)
         if data_dir is not None:
-            self._samples = _read_local(Path(data_dir), limit, hub_id)
+            self._samples = _read_local(Path(data_dir), limit, hub_id, self.allow_external_images)
             source = str(Path(data_dir) / PROBLEMS_FILE)
         else:
             if not hub_id:
@@ -145,7 +149,8 @@ def _load_json(path: Path) -> Any:
         raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); use the official file") from exc
 
 
-def _read_local(data_dir: Path, limit: int | None, hub_id: str | None) -> list[Sample]:
+def _read_local(data_dir: Path, limit: int | None, hub_id: str | None,
+                allow_external_images: bool = False) -> list[Sample]:
     path = data_dir / PROBLEMS_FILE
     if not path.is_file():
         raise FileNotFoundError(
@@ -182,7 +187,8 @@ def _read_local(data_dir: Path, limit: int | None, hub_id: str | None) -> list[S
             continue  # not in the IMG subset
         if limit is not None and len(samples) >= limit:
             break
-        image = (data_dir / "images" / "test" / pid / problem["image"]).resolve()
+        image = data_path(data_dir / "images" / "test", str(Path(pid) / str(problem["image"])), data_dir, where,
+                          allow_external=allow_external_images).resolve()
         if not image.is_file():
             raise ValueError(f"{where}: image {image} does not exist; {DOWNLOAD_HINT}")
         samples.append(_sample(pid, problem, str(image), where))

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample, check_limit
+from eval.benchmarks.base import Benchmark, Sample, check_limit, data_path
 from eval.benchmarks.choices import (
     MULTIPLE_CHOICE_PROMPT,
     accuracy_by,
@@ -79,14 +79,16 @@ class SEEDBenchmark(Benchmark):
         image_cache_dir: where images from the hub are written once; default
             ``$DYMU_CACHE_DIR/benchmarks/seed`` (``~/.cache/dymu/...``). Unused for local data.
         hub_id, hub_config, hub_split: the Hugging Face dataset used when ``data_dir`` is None.
+        allow_external_images: accept ``data_id`` values in the local ``SEED-Bench.json`` that lead outside
+            ``data_dir`` (absolute, or with ``..``); refused by default.
 
     Samples have the ``question_id`` as id, ``answers == [letter]`` and ``meta`` with ``options``,
     ``answer_letter``, ``question_type_id``, ``question_type`` (the dimension's name) and ``data_id``.
 
     Raises:
         FileNotFoundError: ``data_dir`` or ``SEED-Bench.json`` is missing (says where to get them).
-        ValueError: a malformed question or a missing image; the message names the file, the question
-            and what to fix.
+        ValueError: a malformed question, a missing image, or (without ``allow_external_images``) an image
+            outside ``data_dir``; the message names the file, the question and what to fix.
     """
 
     name = "seed"
@@ -100,10 +102,12 @@ class SEEDBenchmark(Benchmark):
         hub_id: str | None = "lmms-lab/SEED-Bench",
         hub_config: str | None = None,
         hub_split: str = "test",
+        allow_external_images: bool = False,
     ) -> None:
         check_limit(limit)
+        self.allow_external_images = bool(allow_external_images)
         if data_dir is not None:
-            self._samples = _read_local(Path(data_dir), limit, hub_id)
+            self._samples = _read_local(Path(data_dir), limit, hub_id, self.allow_external_images)
             source = str(Path(data_dir) / JSON_FILE)
         else:
             if not hub_id:
@@ -137,7 +141,8 @@ class SEEDBenchmark(Benchmark):
         return metrics
 
 
-def _read_local(data_dir: Path, limit: int | None, hub_id: str | None) -> list[Sample]:
+def _read_local(data_dir: Path, limit: int | None, hub_id: str | None,
+                allow_external_images: bool = False) -> list[Sample]:
     path = data_dir / JSON_FILE
     if not path.is_file():
         raise FileNotFoundError(
@@ -168,7 +173,8 @@ def _read_local(data_dir: Path, limit: int | None, hub_id: str | None) -> list[S
             continue
         if limit is not None and len(samples) >= limit:
             break
-        sample = _sample(question, type_names, where, image_dir=data_dir / IMAGE_DIR)
+        sample = _sample(question, type_names, where, image_dir=data_dir / IMAGE_DIR,
+                         allow_external_images=allow_external_images)
         if sample.id in seen:
             raise ValueError(f"{where}: duplicate question_id {sample.id!r} (first at questions[{seen[sample.id]}])")
         seen[sample.id] = number
@@ -179,8 +185,12 @@ def _read_local(data_dir: Path, limit: int | None, hub_id: str | None) -> list[S
 
 
 def _sample(question: dict, type_names: dict[int, str], where: str, image_dir: Path | None = None,
-            image_path: str | None = None) -> Sample:
-    """Validate one question and make its sample (image from ``image_dir/data_id`` or ``image_path``)."""
+            image_path: str | None = None, allow_external_images: bool = False) -> Sample:
+    """Validate one question and make its sample (image from ``image_dir/data_id`` or ``image_path``).
+
+    A ``data_id`` leading outside ``image_dir``'s parent (the data folder) is refused unless
+    ``allow_external_images``.
+    """
     missing = [key for key in REQUIRED_KEYS if key not in question]
     if missing:
         raise ValueError(f"{where}: missing key(s) {missing}; every question needs {list(REQUIRED_KEYS)}")
@@ -200,7 +210,8 @@ def _sample(question: dict, type_names: dict[int, str], where: str, image_dir: P
             f"{where}: 'question_type_id' must be an integer, got {question['question_type_id']!r}"
         ) from None
     if image_path is None:
-        image = (image_dir / str(question["data_id"])).resolve()
+        image = data_path(image_dir, str(question["data_id"]), image_dir.parent, where,
+                          allow_external=allow_external_images).resolve()
         if not image.is_file():
             raise ValueError(f"{where}: image {image} does not exist; {DOWNLOAD_HINT}")
         image_path = str(image)
@@ -224,7 +235,15 @@ def _read_hub(hub_id: str, config: str | None, split: str, cache: Path, limit: i
 
 
 def _samples_from_rows(rows, cache: Path, limit: int | None, source: str) -> list[Sample]:
-    """Samples from dict rows whose ``image`` is a PIL image or a list of them (the first is used)."""
+    """Samples from dict rows whose ``image`` is a PIL image or a list of them (the first is used).
+
+    Each row is validated before its image is written to ``cache``; the file name comes from
+    :func:`eval.benchmarks._hub.cache_file_name` (``question_id`` ``"1"`` -> ``1.png``; an id such as
+    ``../../x`` gets a hashed name inside ``cache``). Sample ids stay the dataset's ``question_id``.
+
+    Raises:
+        ValueError: a row without an image or with a malformed question; nothing is written for that row.
+    """
     type_names = {type_id: name for name, type_id in QUESTION_TYPES.items()}
     samples: list[Sample] = []
     for number, row in enumerate(rows):
@@ -237,11 +256,14 @@ def _samples_from_rows(rows, cache: Path, limit: int | None, source: str) -> lis
         image = image[0] if isinstance(image, (list, tuple)) and image else image
         if image is None or isinstance(image, (list, tuple)):
             raise ValueError(f"{where}: no image; every SEED-Bench image question has one")
-        target = (cache / f"{row['question_id']}.png").resolve()
+        question = {key: value for key, value in row.items() if key != "image"}
+        sample = _sample(question, type_names, where, image_path="")  # validate before writing anything
+        target = _hub.cache_file(cache.resolve(), sample.id, ".png")  # "../x" ids cannot leave the cache
         if not target.is_file():
             cache.mkdir(parents=True, exist_ok=True)
-            image.convert("RGB").save(target.with_suffix(".tmp.png"))
-            target.with_suffix(".tmp.png").replace(target)
-        question = {key: value for key, value in row.items() if key != "image"}
-        samples.append(_sample(question, type_names, where, image_path=str(target)))
+            partial = target.with_name(target.name + ".tmp.png")
+            image.convert("RGB").save(partial)
+            partial.replace(target)
+        sample.image_paths = [str(target)]
+        samples.append(sample)
     return samples

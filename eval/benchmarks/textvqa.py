@@ -30,7 +30,7 @@ import logging
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample, check_limit
+from eval.benchmarks.base import Benchmark, Sample, check_limit, data_path
 from eval.benchmarks.vqa_accuracy import vqa_accuracy
 from eval.metrics import mean
 
@@ -61,11 +61,14 @@ class TextVQABenchmark(Benchmark):
         hub_id: Hugging Face dataset id used when ``data_dir`` is None.
         image_cache_dir: where Hub images are written (default ``$DYMU_CACHE_DIR/benchmarks/textvqa``,
             or ``~/.cache/dymu/benchmarks/textvqa``); unused for local data.
+        allow_external_images: accept ``image_id`` values in the local questions JSON that lead outside
+            ``data_dir`` (absolute, or with ``..``); refused by default.
 
     Raises:
         FileNotFoundError: ``data_dir``, the questions JSON, or an image is missing.
-        ValueError: an entry is malformed (the message names the file, entry index and question id), or
-            ``use_ocr`` is set and a question has no OCR tokens from either source.
+        ValueError: an entry is malformed (the message names the file, entry index and question id),
+            ``use_ocr`` is set and a question has no OCR tokens from either source, or an entry's image lies
+            outside ``data_dir`` without ``allow_external_images``.
     """
 
     name = "textvqa"
@@ -77,13 +80,15 @@ class TextVQABenchmark(Benchmark):
         use_ocr: bool = True,
         hub_id: str | None = DEFAULT_HUB_ID,
         image_cache_dir: str | None = None,
+        allow_external_images: bool = False,
     ) -> None:
         check_limit(limit)
         self.use_ocr = bool(use_ocr)
         self.hub_id = hub_id
+        self.allow_external_images = bool(allow_external_images)
         if data_dir is not None:
             self.data_dir: Path | None = Path(data_dir).resolve()
-            self._samples = _load_local(self.data_dir, self.use_ocr, hub_id)
+            self._samples = _load_local(self.data_dir, self.use_ocr, hub_id, self.allow_external_images)
             source = str(self.data_dir)
         elif hub_id:
             self.data_dir = None
@@ -143,7 +148,9 @@ def _read_ocr(path: Path) -> dict[str, list[str]]:
     return tokens
 
 
-def _load_local(data_dir: Path, use_ocr: bool, hub_id: str | None) -> list[Sample]:
+def _load_local(
+    data_dir: Path, use_ocr: bool, hub_id: str | None, allow_external_images: bool = False
+) -> list[Sample]:
     if not data_dir.is_dir():
         hub = f", or set data_dir=null (benchmark.task.data_dir=null) to load {hub_id} from the Hub" if hub_id else ""
         raise FileNotFoundError(f"TextVQA data folder {data_dir} does not exist; {DOWNLOAD_HINT} into it{hub}")
@@ -191,7 +198,7 @@ def _load_local(data_dir: Path, use_ocr: bool, hub_id: str | None) -> list[Sampl
             )
         else:
             tokens = []
-        image_path = images_dir / f"{image_id}.jpg"
+        image_path = data_path(images_dir, f"{image_id}.jpg", data_dir, where, allow_external=allow_external_images)
         if not image_path.is_file():
             raise FileNotFoundError(
                 f"{where}: image {image_path} does not exist; unpack the TextVQA train_val images into {images_dir}"
@@ -217,13 +224,30 @@ def _load_hub(hub_id: str, cache: Path) -> list[Sample]:
     image_feature = _hub.hub_image_feature(hub_id, local_hint)
     rows = _hub.load_dataset(hub_id, split=HUB_SPLIT, local_hint=local_hint)
     rows = rows.cast_column("image", image_feature(decode=False))
+    return _samples_from_hub_rows(rows, cache, hub_id)
+
+
+def _samples_from_hub_rows(rows, cache: Path, source: str) -> list[Sample]:
+    """Samples from Hub rows (``question_id``, ``image_id``, ``question``, ``answers``, ``ocr_tokens``,
+    undecoded ``image``); each image is written once to ``cache/images``.
+
+    Image file names come from :func:`eval.benchmarks._hub.cache_file_name` (an ``image_id`` such as
+    ``../../x`` cannot leave the cache); sample ids and ``meta["image_id"]`` stay the dataset's values.
+
+    Raises:
+        ValueError: a row without ``question_id``, ``image_id``, ``question``, a list of ``answers`` or image
+            bytes; nothing is written for it.
+    """
     image_dir = cache / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
     samples = []
-    for row in rows:
-        path = image_dir / f"{row['image_id']}.jpg"
-        if not path.is_file():
-            path.write_bytes(row["image"]["bytes"] or Path(row["image"]["path"]).read_bytes())
+    for number, row in enumerate(rows):
+        where = f"{source} row {number}"
+        missing = [key for key in ("question_id", "image_id", "question", "answers") if row.get(key) in (None, "")]
+        if missing:
+            raise ValueError(f"{where}: no {missing}; every row needs question_id, image_id, question, answers")
+        if not _is_string_list(row["answers"]):
+            raise ValueError(f"{where}: 'answers' must be a list of strings, got {row['answers']!r}")
+        path = _hub.cache_image_bytes(image_dir, row["image_id"], row.get("image"), where)
         samples.append(Sample(id=str(row["question_id"]), image_paths=[str(path)], question=row["question"],
                               answers=list(row["answers"]), answer_type="short",
                               meta={"image_id": row["image_id"], "ocr_tokens": list(row.get("ocr_tokens") or [])}))

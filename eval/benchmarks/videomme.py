@@ -40,7 +40,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample, check_limit
+from eval.benchmarks.base import Benchmark, Sample, check_limit, data_path
 
 __all__ = ["VideoMMEBenchmark", "extract_choice", "uniform_indices"]
 
@@ -107,10 +107,13 @@ class VideoMMEBenchmark(Benchmark):
         video_dir: folder holding ``data/<videoID>.mp4`` and/or ``frames/<videoID>/`` (default: ``data_dir``).
         questions_file: the questions file, when ``data_dir`` holds several candidates.
         hub_id: Hugging Face dataset id used when ``data_dir`` is None.
+        allow_external_images: accept ``videoID`` values (local file or Hub rows) whose ``frames/`` or
+            ``data/`` path leads outside the video folder (absolute, or with ``..``); refused by default.
 
     Raises:
         FileNotFoundError: no data dir / questions file, or videos missing (names the first ones).
-        ValueError: a malformed question row (names it and what to fix).
+        ValueError: a malformed question row (names it and what to fix), or (without
+            ``allow_external_images``) a video outside the video folder.
         ImportError: some video has no frames folder and PyAV is not installed.
     """
 
@@ -125,8 +128,10 @@ class VideoMMEBenchmark(Benchmark):
         video_dir: str | None = None,
         questions_file: str | None = None,
         hub_id: str | None = DEFAULT_HUB_ID,
+        allow_external_images: bool = False,
     ) -> None:
         check_limit(limit)
+        self.allow_external_images = bool(allow_external_images)
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         self.num_frames = num_frames
@@ -150,7 +155,7 @@ class VideoMMEBenchmark(Benchmark):
                 "(or frames/<videoID>/ folders)"
             )
         self.video_root = root
-        self._samples = [_row_sample(row, root, where) for row, where in rows]
+        self._samples = [_row_sample(row, root, where, self.allow_external_images) for row, where in rows]
         if len({s.id for s in self._samples}) != len(self._samples):
             raise ValueError("Video-MME question_id values are not unique; each question needs its own id")
         self._by_id = {s.id: s for s in self._samples}
@@ -327,8 +332,9 @@ def _read_hub(hub_id: str) -> list[tuple[dict, str]]:
     return [(dict(row), f"{hub_id} row {i}") for i, row in enumerate(rows)]
 
 
-def _row_sample(row: dict, root: Path, where: str) -> Sample:
-    """A ``Sample`` from one question row (``video_path`` None when the video is missing)."""
+def _row_sample(row: dict, root: Path, where: str, allow_external_images: bool = False) -> Sample:
+    """A ``Sample`` from one question row (``video_path`` None when the video is missing); a video whose
+    ``frames/`` or ``data/`` path leads outside ``root`` is refused unless ``allow_external_images``."""
     missing = [key for key in REQUIRED_KEYS if key not in row]
     if "videoID" not in row and "video_id" not in row:
         missing.append("videoID (or video_id)")
@@ -345,6 +351,8 @@ def _row_sample(row: dict, root: Path, where: str) -> Sample:
     if answer not in letters:
         raise ValueError(f"{where}: 'answer' must be one of the option letters {letters}, got {row['answer']!r}")
     video = str(row.get("videoID") or row["video_id"])
+    for folder, name in (("frames", video), ("data", video + VIDEO_SUFFIXES[0])):
+        data_path(root / folder, name, root, where, allow_external=allow_external_images, what="video")
     meta = {key: row.get(key) for key in ("video_id", "videoID", "duration", "domain", "sub_category", "task_type")}
     meta.update(options=options, video=video)
     return Sample(id=str(row["question_id"]), image_paths=[], question=str(row["question"]).strip(),
