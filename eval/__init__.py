@@ -1,6 +1,6 @@
 """Benchmarks, metrics and evaluation runners for DyMU-merged vision-language models.
 
-Importing the package registers the OmegaConf resolver ``dymu_budget_tag`` that ``hydra_conf/eval.yaml`` uses
+Importing the package registers the scripts' typed config schemas (:mod:`eval.config`) and the OmegaConf resolver ``dymu_budget_tag`` that ``hydra_conf/eval.yaml`` uses
 to give budgeted runs their own output folder. The resolver also validates the budget: Hydra resolves the run
 folder (``hydra.run.dir`` -> ``output_dir`` -> ``run_name``) before it creates it, so an invalid budget
 override fails before anything is written.
@@ -11,6 +11,8 @@ import math
 from hydra.errors import CompactHydraException
 from omegaconf import ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
+
+from . import config  # noqa: F401 - registers the scripts' config schemas (eval/config.py)
 
 _BOUNDS = (("max_visual_tokens", "max"), ("min_visual_tokens", "min"))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,10 @@ from dymu.thresholds import PACKAGED_DIR
 from llava.factory import load_from_config, thresholds_source
 
 from .fingerprint import check_fingerprint, experiment_fingerprint
-from .runner import (PREDICTIONS, Generate, check_output_dir, has_predictions, raise_if_failed, read_predictions,
-                     run_benchmark)
+from .runner import (PREDICTIONS, Generate, check_output_dir, check_predictions, check_run_settings, has_predictions,
+                     raise_if_failed, read_predictions, run_benchmark)
+from .lock import output_lock
+from .redaction import install_log_redaction
 from .tracking import init_wandb, log_results
 
 __all__ = ["evaluate", "make_generate", "check_config"]
@@ -39,17 +42,24 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     Raises:
         RunFailedError: every sample failed (raised after the records and metrics.json are written).
+        eval.lock.OutputLockedError: another run is writing into ``output_dir`` (checked before any work).
         FingerprintMismatch: ``output_dir`` holds predictions made with other prediction settings.
         ValueError / FileExistsError: bad settings (see :func:`check_config`), before any work.
         FileNotFoundError / ValueError: the benchmark's data is missing or malformed (before the model loads).
         ThresholdsError / OSError: the model or its thresholds cannot be loaded.
     """
+    install_log_redaction()  # API keys never reach eval.log or the console wandb records
     check_config(cfg)
     torch.manual_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
     device, started = _join_process_group(str(cfg.device))
     try:
-        return _evaluate(cfg, output_dir, device)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        with output_lock(output_dir) if rank == 0 else nullcontext():  # one writer per folder, before any work
+            check_output_dir(output_dir, cfg.resume)
+            if rank == 0 and cfg.resume:
+                check_predictions(output_dir)  # a broken record stops the run now, not after every sample ran
+            return _evaluate(cfg, output_dir, device)
     finally:
         if started:
             dist.destroy_process_group()
@@ -90,7 +100,7 @@ def _evaluate(cfg: DictConfig, output_dir: Path, device: str) -> dict[str, Any]:
         limit=cfg.limit,
         resume=cfg.resume,
         progress=True,
-        retry_failed=bool(cfg.get("retry_failed", False)),
+        retry_failed=cfg.get("retry_failed", False),
         fingerprint=fingerprint,
         retry_command=_retry_command(),
     )
@@ -125,17 +135,17 @@ def _retry_command() -> str | None:
 def check_config(cfg: DictConfig) -> None:
     """Fail before any work (model loading, evaluation) on settings that cannot run.
 
+    ``scripts/eval.py`` composes against the typed schema :class:`eval.config.EvalConfig`, so its values already
+    have their types; this check repeats the type test for configs built by hand and adds the ranges.
+
     Raises:
-        ValueError: ``batch_size`` < 1, ``limit`` < 0 or ``max_new_tokens`` < 1.
+        ValueError: ``batch_size`` is not an int >= 1, ``limit`` not null or an int >= 0, ``max_new_tokens`` not
+            null or an int >= 1, or ``resume`` / ``retry_failed`` not a boolean (the key is named).
         FileExistsError: ``output_dir`` holds predictions and ``resume`` is false (nothing is overwritten).
     """
-    if int(cfg.batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}.")
-    if cfg.limit is not None and int(cfg.limit) < 0:
-        raise ValueError(f"limit must be null (all samples) or >= 0, got {cfg.limit}.")
-    if cfg.max_new_tokens is not None and int(cfg.max_new_tokens) < 1:
-        raise ValueError(f"max_new_tokens must be null (the benchmark's own) or >= 1, got {cfg.max_new_tokens}.")
-    check_output_dir(cfg.output_dir, bool(cfg.resume))
+    check_run_settings(batch_size=cfg.batch_size, limit=cfg.limit, resume=cfg.resume,
+                       retry_failed=cfg.get("retry_failed", False), max_new_tokens=cfg.max_new_tokens)
+    check_output_dir(cfg.output_dir, cfg.resume)
 
 
 def make_generate(pipe, max_new_tokens: int | None = None) -> Generate:

@@ -20,6 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,10 @@ from tqdm.auto import tqdm
 from .benchmarks.base import Benchmark, Sample
 from .fingerprint import check_fingerprint
 from .jsonio import dumps, write_json_atomic, write_text_atomic
+from .lock import output_lock
 
-__all__ = ["run_benchmark", "read_predictions", "summarise", "check_output_dir", "has_predictions", "failure_summary",
-           "raise_if_failed", "RunFailedError"]
+__all__ = ["run_benchmark", "read_predictions", "check_record", "check_predictions", "check_run_settings", "summarise",
+           "check_output_dir", "has_predictions", "failure_summary", "raise_if_failed", "RunFailedError"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,29 +43,115 @@ METRICS = "metrics.json"
 Generate = Callable[[list[str], list[list], int], tuple[list[str], list[int]]]
 
 
-def read_predictions(path: str | os.PathLike) -> list[dict]:
-    """Records of a ``predictions.jsonl``; a torn last line (a run killed mid-write) is dropped with a warning.
+def read_predictions(path: str | os.PathLike, *, repair: bool = True) -> list[dict]:
+    """Validated records of a ``predictions.jsonl``; a torn last line (a run killed mid-write) is dropped.
+
+    Args:
+        path: the file (a missing file has no records).
+        repair: cut the torn last line off the file (with a warning) so appending continues cleanly; False
+            only skips it (a read-only check).
 
     Raises:
-        ValueError: a corrupt line other than the last (names the line).
+        ValueError: a line other than the last is not UTF-8, not JSON, or not a valid record (see
+            :func:`check_record`); the message names ``<path>:<line>``, what is wrong and what to do. Raised
+            before any work, so a resumed run never counts a broken line as done.
     """
     path = Path(path)
     if not path.is_file():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_bytes().split(b"\n")
+    if lines and not lines[-1].strip():
+        lines.pop()  # the newline that ends the last record
     records = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
+        where = f"{path}:{i}"
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
+            record = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError) as err:
             if i == len(lines):
-                logger.warning("%s:%d is incomplete (run interrupted while writing); it will be redone", path, i)
-                _truncate_last_line(path)
+                logger.warning("%s is incomplete (run interrupted while writing); it will be redone", where)
+                if repair:
+                    _truncate_last_line(path)
                 break
-            raise ValueError(f"{path}:{i} is not valid JSON ({err}); fix or delete that line.") from err
+            what = "UTF-8 text" if isinstance(err, UnicodeDecodeError) else "valid JSON"
+            raise ValueError(f"{where} is not {what} ({err}); {_FIX_LINE}") from err
+        check_record(record, where)
+        records.append(record)
     return records
+
+
+_FIX_LINE = ("fix or delete that line (a deleted sample is evaluated again on resume), or move the file away "
+             "and start over.")
+
+# field -> (allowed types, description); bool is excluded from the numbers explicitly below
+_RECORD_FIELDS = {
+    "id": ((str, int), "a string"),
+    "question": ((str,), "a string"),
+    "prediction": ((str, type(None)), "a string (null when the sample failed)"),
+    "answers": ((list,), "a list of strings"),
+    "answer_type": ((str,), "a string"),
+    "meta": ((dict,), "an object"),
+    "visual_tokens": ((int, type(None)), "an integer >= 0 or null"),
+    "seconds": ((int, float, type(None)), "a number >= 0 or null"),
+}
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def check_record(record: Any, where: str = "record") -> None:
+    """Raise unless ``record`` has the shape the runner writes (:func:`_record`), so scoring can read it.
+
+    Fields: ``id`` (string or int), ``question`` / ``answer_type`` (strings), ``prediction`` (string; null
+    exactly when the record has an ``error`` string), ``answers`` (list of strings), ``meta`` (object),
+    ``visual_tokens`` (int >= 0 or null), ``seconds`` (number >= 0 or null); optional ``error`` (string)
+    and ``rank`` (int).
+
+    Raises:
+        ValueError: naming ``where`` (e.g. ``<file>:<line>``), the field and what it must be.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"{where} is a JSON {type(record).__name__}, not a prediction record (an object with "
+                         f"{', '.join(_RECORD_FIELDS)}); {_FIX_LINE}")
+    missing = [k for k in _RECORD_FIELDS if k not in record]
+    if missing:
+        raise ValueError(f"{where} is missing {', '.join(missing)}: not a prediction record written by the "
+                         f"runner; {_FIX_LINE}")
+    for key, (types, description) in _RECORD_FIELDS.items():
+        value = record[key]
+        bad = isinstance(value, bool) or not isinstance(value, types)
+        if not bad and isinstance(value, (int, float)) and key in ("visual_tokens", "seconds"):
+            bad = value < 0 or value != value  # negative (or NaN, which strict JSON cannot hold anyway)
+        if not bad and key == "answers":
+            bad = not all(isinstance(a, str) for a in value)
+        if bad:
+            raise ValueError(f"{where}: {key} must be {description}, got {value!r}; {_FIX_LINE}")
+    error = record.get("error")
+    if error is not None and not isinstance(error, str):
+        raise ValueError(f"{where}: error must be a string, got {error!r}; {_FIX_LINE}")
+    if (error is None) != isinstance(record["prediction"], str):
+        raise ValueError(f"{where}: a record has a prediction string or an error string, not "
+                         f"{'both' if error is not None else 'neither'}; {_FIX_LINE}")
+    rank = record.get("rank")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+        raise ValueError(f"{where}: rank must be an integer, got {rank!r}; {_FIX_LINE}")
+
+
+def check_predictions(output_dir: str | os.PathLike) -> int:
+    """Validate every prediction file in ``output_dir`` without changing it (call before any work on resume).
+
+    Returns:
+        The number of records read.
+
+    Raises:
+        ValueError: a broken line (see :func:`read_predictions`), naming ``<file>:<line>``.
+    """
+    output_dir = Path(output_dir)
+    files = [output_dir / PREDICTIONS, *sorted(output_dir.glob("predictions.rank*.jsonl"))]
+    return sum(len(read_predictions(f, repair=False)) for f in files)
 
 
 def _truncate_last_line(path: Path) -> None:
@@ -161,9 +249,36 @@ def _dist() -> tuple[int, int]:
 
 
 def has_predictions(output_dir: str | os.PathLike) -> bool:
-    """True if ``output_dir`` holds ``predictions.jsonl`` or a rank file of an interrupted data-parallel run."""
+    """True if ``output_dir`` holds a non-empty ``predictions.jsonl`` or rank file (of an interrupted
+    data-parallel run). An empty file (a run that stopped before its first sample) holds nothing to protect."""
     output_dir = Path(output_dir)
-    return (output_dir / PREDICTIONS).exists() or any(output_dir.glob("predictions.rank*.jsonl"))
+    files = [output_dir / PREDICTIONS, *output_dir.glob("predictions.rank*.jsonl")]
+    return any(f.is_file() and f.stat().st_size > 0 for f in files)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_run_settings(*, batch_size: Any = 1, limit: Any = None, resume: Any = True, retry_failed: Any = False,
+                       max_new_tokens: Any = None) -> None:
+    """Check the runner's settings by type and range, before any work (a wrong value names its key).
+
+    Raises:
+        ValueError: ``batch_size`` is not an int >= 1, ``limit`` not None or an int >= 0, ``max_new_tokens``
+            not None or an int >= 1, or ``resume`` / ``retry_failed`` not a bool (a string such as ``"no"``
+            would read as true).
+    """
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1 (samples per generate call), got {batch_size!r}.")
+    if limit is not None and (not _is_int(limit) or limit < 0):
+        raise ValueError(f"limit must be null (all samples) or an integer >= 0, got {limit!r}.")
+    if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 1):
+        raise ValueError(f"max_new_tokens must be null (the benchmark's own) or an integer >= 1, got "
+                         f"{max_new_tokens!r}.")
+    for key, value in (("resume", resume), ("retry_failed", retry_failed)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r} ({type(value).__name__}).")
 
 
 def check_output_dir(output_dir: str | os.PathLike, resume: bool) -> None:
@@ -220,12 +335,22 @@ def run_benchmark(
         The metrics dict (also written to ``metrics.json``); ``status`` tells whether the run is complete.
 
     Raises:
+        ValueError: a setting of the wrong type or range (:func:`check_run_settings`), or a broken line in the
+            existing predictions (:func:`read_predictions`); both before any sample runs.
         FileExistsError: predictions exist and ``resume`` is False.
+        eval.lock.OutputLockedError: another process is writing into ``output_dir``.
         eval.fingerprint.FingerprintMismatch: the folder holds predictions made with other settings.
     """
+    check_run_settings(batch_size=batch_size, limit=limit, resume=resume, retry_failed=retry_failed)
     rank, world = _dist()
+    with output_lock(output_dir) if rank == 0 else nullcontext():  # reentrant: eval.main may hold it already
+        return _run_locked(generate, benchmark, Path(output_dir), batch_size, limit, resume, progress, on_record,
+                           retry_failed, fingerprint, retry_command, rank, world)
+
+
+def _run_locked(generate, benchmark, output_dir: Path, batch_size, limit, resume, progress, on_record, retry_failed,
+                fingerprint, retry_command, rank: int, world: int) -> dict[str, Any]:
     check_output_dir(output_dir, resume)
-    output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     pred_path = output_dir / PREDICTIONS
     existing = [pred_path, *sorted(output_dir.glob("predictions.rank*.jsonl"))]
@@ -251,7 +376,7 @@ def run_benchmark(
     mine = todo[rank::world]  # every rank read the same files, so the shards are disjoint and complete
     own_path = pred_path if world == 1 else output_dir / f"predictions.rank{rank}.jsonl"
     new = []
-    with open(own_path, "a", encoding="utf-8") as out, tqdm(
+    with open(own_path, "ab", buffering=0) as out, tqdm(  # unbuffered: a failed write leaves nothing to flush
         total=len(samples), initial=len(records), desc=f"eval {benchmark.name}", unit="sample",
         disable=not progress or rank != 0,
     ) as bar:
@@ -260,9 +385,15 @@ def run_benchmark(
             for record in _run_batch(generate, benchmark, batch):
                 if world > 1:
                     record["rank"] = rank
-                out.write(dumps(record) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
+                try:
+                    line = memoryview((dumps(record) + "\n").encode("utf-8"))
+                    while line:  # a raw write may take part of the line
+                        line = line[out.write(line):]
+                    os.fsync(out.fileno())
+                except OSError as err:  # ENOSPC / EFBIG / EIO name no file on their own
+                    raise OSError(err.errno, f"cannot write {own_path} ({err.strerror or err}); free disk space "
+                                  "or fix the folder's permissions, then re-run: the records already written are "
+                                  "kept and the run resumes after them.") from err
                 new.append(record)
                 if on_record is not None:
                     on_record(record)

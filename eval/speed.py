@@ -45,7 +45,7 @@ from dymu.patch import cache_keyword
 
 from .jsonio import write_json_atomic
 
-__all__ = ["Variant", "parse_variant", "run_benchmark", "summarise", "markdown_table", "plot", "TARGETS"]
+__all__ = ["Variant", "parse_variant", "check_counts", "run_benchmark", "summarise", "markdown_table", "plot", "TARGETS"]
 
 logger = logging.getLogger(__name__)
 
@@ -312,6 +312,19 @@ class _Bench:
 
 
 # ----------------------------------------------------------------------------- the run
+def check_counts(*, rounds=1, decode_tokens=0, max_images=1, batch_size=1) -> None:
+    """Check the benchmark's counts before any model is built (each error names its key and range).
+
+    Raises:
+        ValueError: ``rounds`` < 1, ``decode_tokens`` < 0, ``calibration.max_images`` < 1 or
+            ``calibration.batch_size`` < 1, or any of them not an integer.
+    """
+    for key, value, least in (("rounds", rounds, 1), ("decode_tokens", decode_tokens, 0),
+                              ("calibration.max_images", max_images, 1), ("calibration.batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{key} must be an integer >= {least}, got {value!r}.")
+
+
 def run_benchmark(
     pipe,
     variants: Sequence[Variant],
@@ -340,10 +353,14 @@ def run_benchmark(
         over rounds, the max peak memory, and the (deterministic) FLOPs, bytes and token counts.
 
     Raises:
-        ValueError: no ``off`` variant, or a threshold level missing from ``thresholds``.
+        ValueError: ``rounds`` < 1 or ``decode_tokens`` < 0 (or not integers), no images, no ``off`` variant, or
+            a threshold level missing from ``thresholds``.
     """
     from tqdm.auto import tqdm
 
+    check_counts(rounds=rounds, decode_tokens=decode_tokens)
+    if not images:
+        raise ValueError("no images to benchmark; pass at least one (speed.yaml: images=[astronaut,...]).")
     if not any(v.mode == "off" for v in variants):
         raise ValueError("the benchmark needs the 'off' variant (the unmodified model) as its reference.")
     missing = sorted({v.level for v in variants if v.mode == "threshold"} - set(thresholds))
@@ -590,11 +607,14 @@ def run_from_config(cfg: Mapping) -> dict:
     ``results.md`` and ``results.png`` to ``output_dir`` and returns the summary (see :func:`summarise`).
 
     Raises:
+        ValueError: a count out of range (:func:`check_counts`), before anything is built.
         FileExistsError: ``output_dir`` already holds results and ``overwrite`` is false (checked first).
     """
     from llava.factory import _DTYPES
     from llava.shapes import build_random
 
+    check_counts(rounds=cfg["rounds"], decode_tokens=cfg["decode_tokens"],
+                 max_images=cfg["calibration"]["max_images"], batch_size=cfg["calibration"]["batch_size"])
     out_dir = Path(str(cfg["output_dir"]))
     if (out_dir / "results.json").exists() and not cfg.get("overwrite", False):
         raise FileExistsError(f"{out_dir}/results.json exists; pass overwrite=true to replace it, or "

@@ -9,11 +9,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["COLUMNS", "PAPER_LLAVA15", "Row", "collect", "paper_rows", "to_markdown", "to_csv", "write_tables"]
 
@@ -78,8 +81,12 @@ def _pooled_tokens(metrics: Iterable[dict]) -> str:
 def collect(root: str | os.PathLike, model: str | None = None) -> list[Row]:
     """Our rows: one per ``<model>/<run>`` folder under ``root`` (e.g. ``outputs/eval``), sorted by name.
 
+    A ``metrics.json`` that cannot be read (torn by a kill, not JSON, not an object) is skipped with a warning
+    naming it, and its cells stay empty; the other runs are tabled.
+
     Raises:
         FileNotFoundError: ``root`` does not exist or holds no ``metrics.json``.
+        ValueError: no ``metrics.json`` under ``root`` can be read (each is named).
     """
     root = Path(root)
     files = sorted(root.glob("*/*/*/metrics.json"))
@@ -88,8 +95,22 @@ def collect(root: str | os.PathLike, model: str | None = None) -> list[Row]:
     if not files:
         raise FileNotFoundError(f"no <model>/<run>/<benchmark>/metrics.json under {root}; run scripts/eval.py first.")
     runs: dict[tuple[str, str], dict[str, dict]] = {}
+    skipped = []
     for f in files:
-        runs.setdefault((f.parts[-4], f.parts[-3]), {})[f.parts[-2]] = json.loads(f.read_text(encoding="utf-8"))
+        try:
+            metrics = json.loads(f.read_text(encoding="utf-8"))  # lenient: older files may hold NaN
+        except (OSError, UnicodeDecodeError, ValueError) as err:  # torn by a kill, hand-edited, unreadable
+            skipped.append(f"{f} ({err})")
+            continue
+        if not isinstance(metrics, dict):
+            skipped.append(f"{f} (a JSON {type(metrics).__name__}, not a metrics object)")
+            continue
+        runs.setdefault((f.parts[-4], f.parts[-3]), {})[f.parts[-2]] = metrics
+    for line in skipped:
+        logger.warning("skipped unreadable %s; its cell stays empty. Re-run that evaluation (it resumes from "
+                       "predictions.jsonl and rewrites metrics.json).", line)
+    if not runs:
+        raise ValueError(f"every metrics.json under {root} is unreadable: {'; '.join(skipped)}")
     rows = []
     for (model_name, run), per_benchmark in sorted(runs.items()):
         row = Row(method=f"{model_name} {run}", tokens=_pooled_tokens(per_benchmark.values()))

@@ -10,6 +10,7 @@ hydra_conf/speed.yaml; what is measured: eval/speed.py.
 """
 
 import _bootstrap  # noqa: F401 - first: keeps scripts/eval.py from shadowing the `eval` package
+import eval  # noqa: F401 - registers the config schema (eval/config.py)
 import hydra
 from omegaconf import DictConfig, OmegaConf
 

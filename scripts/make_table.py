@@ -10,6 +10,7 @@ Config: hydra_conf/make_table.yaml.
 import logging
 
 import _bootstrap  # noqa: F401 - first: keeps scripts/eval.py from shadowing the `eval` package
+import eval  # noqa: F401 - registers the config schema (eval/config.py)
 import hydra
 from omegaconf import DictConfig
 

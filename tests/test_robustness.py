@@ -438,7 +438,7 @@ def _eval_cfg(tmp_path, *overrides):
 
 
 def test_bad_configuration_fails_before_the_model_loads(tmp_path):
-    for override, error, message in [("batch_size=0", ValueError, "batch_size must be >= 1"),
+    for override, error, message in [("batch_size=0", ValueError, "batch_size must be an integer >= 1"),
                                      ("limit=-1", ValueError, "limit must be null"),
                                      ("max_new_tokens=0", ValueError, "max_new_tokens must be null")]:
         with pytest.raises(error, match=message):

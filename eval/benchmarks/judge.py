@@ -10,8 +10,10 @@ Configuration:
 - base URL: the ``base_url`` argument, else the environment variable ``OPENAI_BASE_URL``, else
   ``https://api.openai.com/v1`` (any OpenAI-compatible server works: vLLM, Azure-style proxies, ...).
 - API key: read from the environment variable named by ``api_key_env`` (default ``OPENAI_API_KEY``) when the
-  client is used, never stored in a config file. Without a key, :meth:`JudgeClient.complete` returns None and
-  logs one warning: the benchmark then reports its metric as pending (None), never as zero.
+  client is used, never stored in a config file, and redacted (``eval.redaction``) from every server text the
+  client puts in an error, a log line or its cache (a server may echo the key it was sent). Without a key,
+  :meth:`JudgeClient.complete` returns None and logs one warning: the benchmark then reports its metric as
+  pending (None), never as zero.
 - model: default ``gpt-4-0613``, the judge MM-Vet's evaluator used (Yu et al., 2023, "MM-Vet: Evaluating
   Large Multimodal Models for Integrated Capabilities", and its released evaluator); LLaVA's own
   LLaVA-Bench reviews used ``gpt-4-0314`` (Liu et al., 2023), no longer served, and lmms-eval uses
@@ -32,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from eval.benchmarks.base import Benchmark, Sample, check_limit
+from eval.redaction import redact
 
 __all__ = ["DEFAULT_BASE_URL", "DEFAULT_MODEL", "JudgeClient", "JudgeError", "JudgedBenchmark", "make_judge"]
 
@@ -156,16 +159,16 @@ class JudgeClient:
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                     payload = response.read()
-                return _reply_text(payload, url)
+                return redact(_reply_text(payload, url, api_key), api_key)
             except urllib.error.HTTPError as err:
-                detail = err.read()[:500].decode("utf-8", "replace")
+                detail = redact(err.read()[:500].decode("utf-8", "replace"), api_key)  # servers may echo the key
                 if err.code not in _RETRY_STATUS and err.code < 500:
-                    raise JudgeError(f"judge request to {url} failed with HTTP {err.code}: {detail}") from err
+                    raise JudgeError(f"judge request to {url} failed with HTTP {err.code}: {detail}") from None
                 retry_after = _retry_after(err.headers.get("Retry-After") if err.headers else None)
                 delay = max(delay, retry_after or 0.0)
                 problem = f"HTTP {err.code}: {detail}"
             except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                problem = f"{type(err).__name__}: {err}"
+                problem = redact(f"{type(err).__name__}: {err}", api_key)
             if attempt == self.max_retries:
                 raise JudgeError(
                     f"judge request to {url} failed after {self.max_retries + 1} attempts ({problem}); "
@@ -203,14 +206,15 @@ class JudgeClient:
                 handle.write(line)
 
 
-def _reply_text(payload: bytes, url: str) -> str:
-    """``choices[0].message.content`` of a chat-completions response body."""
+def _reply_text(payload: bytes, url: str, api_key: str | None = None) -> str:
+    """``choices[0].message.content`` of a chat-completions response body (secrets redacted from errors)."""
     try:
         content = json.loads(payload)["choices"][0]["message"]["content"]
-    except (json.JSONDecodeError, KeyError, IndexError, TypeError) as err:
-        raise JudgeError(f"{url} returned no choices[0].message.content: {payload[:300]!r}") from err
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+        raise JudgeError(f"{url} returned no choices[0].message.content: "
+                         f"{redact(repr(payload[:300]), api_key)}") from None
     if not isinstance(content, str):
-        raise JudgeError(f"{url} returned non-text content: {content!r}")
+        raise JudgeError(f"{url} returned non-text content: {redact(repr(content), api_key)}")
     return content
 
 
@@ -246,19 +250,23 @@ class JudgedBenchmark(Benchmark):
         limit: keep only the first ``limit`` questions (file order).
         judge: a :class:`JudgeClient`, or a mapping of its arguments (the Hydra ``judge`` node); None: defaults.
         hub_id: Hugging Face dataset id used when ``data_dir`` is None.
+        allow_external_images: accept image paths in the local files that lead outside ``data_dir``
+            (absolute, or with ``..``); refused by default (see :func:`eval.benchmarks.base.data_path`).
     """
 
     title: str
     data_hint: str
-    _read_local: Callable[[Path], list[Sample]]
+    _read_local: Callable[[Path, bool], list[Sample]]  # (data_dir, allow_external_images) -> samples
 
     def __init__(self, data_dir: str | None = None, limit: int | None = None,
-                 judge: JudgeClient | Mapping | None = None, hub_id: str | None = None) -> None:
+                 judge: JudgeClient | Mapping | None = None, hub_id: str | None = None,
+                 allow_external_images: bool = False) -> None:
         check_limit(limit)
         self.judge = make_judge(judge)
         self._hub = None
+        self.allow_external_images = bool(allow_external_images)
         if data_dir is not None:
-            self._samples = self._read_local(Path(data_dir))
+            self._samples = self._read_local(Path(data_dir), self.allow_external_images)
         elif hub_id:
             self._samples = self._load_hub(hub_id)
         else:
