@@ -37,8 +37,8 @@ setup(
     ],
     entry_points={"lmms_eval.models": ["dymu = llava.lmms_plugin:manifests"]},
     extras_require={
-        # datasets: Hub benchmark data; matplotlib: benchmark plots
-        "eval": ["hydra-core>=1.3,<1.4", "wandb", "scikit-image", "datasets", "matplotlib"],
+        # datasets: Hub benchmark data; matplotlib: benchmark plots; filelock: one writer per output folder
+        "eval": ["hydra-core>=1.3,<1.4", "wandb", "scikit-image", "datasets", "matplotlib", "filelock>=3.12"],
         # open_clip needs torchvision; keep it out of the main environment on CPU-only machines (transformers'
         # image classes break with PyPI's torchvision there; see dymu.prepare_cpu_torchvision).
         "openclip": ["open_clip_torch>=3.0", "torchvision"],
@@ -49,6 +49,7 @@ setup(
             "wandb",
             "scikit-image",
             "matplotlib",
+            "filelock>=3.12",
             "pytest",
             "hypothesis",
             "tokenizers",

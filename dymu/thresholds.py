@@ -14,8 +14,9 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ._files import write_text_atomic
+from .checkpoint import CalibrationCheckpoint, CheckpointError
 from .merge import ThresholdRule, constant_schedule, select_batch_top
 
 __all__ = ["Thresholds", "ThresholdsError", "BatchBudgetRule", "find_thresholds", "encoder_fingerprint", "EncoderSpec",
@@ -38,6 +41,16 @@ PACKAGED_DIR = Path(__file__).parent / "data" / "thresholds"
 
 class ThresholdsError(ValueError):
     """A thresholds file is missing, malformed, or does not fit the model it is applied to."""
+
+
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (JSON ``true`` is not 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A real number that is not a bool; strings (``"0.99"``) are not numbers."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def encoder_fingerprint(vision_config: Any) -> str:
@@ -188,14 +201,19 @@ class Thresholds:
         Raises:
             ThresholdsError: ``values`` is not a non-empty list of finite numbers in ``[-1, 1]`` (thresholds
                 are cosine similarities; calibrated ones lie in ``[0, 1]``), or there are more values than
-                ``num_layers``; ``weights_sha256`` is neither None nor 64 lowercase hex characters.
+                ``num_layers``; ``weights_sha256`` is neither None nor 64 lowercase hex characters; any field
+                has the wrong type (booleans and strings are not numbers, floats are not integers: e.g.
+                ``"feature_layer": "abc"``, a NaN ``target_tokens``, ``true`` as a threshold); the message names
+                the field.
         """
         if isinstance(self.values, (str, bytes, dict)) or not hasattr(self.values, "__iter__"):
             raise ThresholdsError(f"thresholds 'values' must be a list of numbers, got {self.values!r}.")
-        try:
-            self.values = [float(v) for v in self.values]
-        except (TypeError, ValueError) as err:
-            raise ThresholdsError(f"thresholds 'values' must be numbers ({err}): {self.values!r}.") from err
+        self.values = list(self.values)
+        bad = [i for i, v in enumerate(self.values) if not _is_number(v)]
+        if bad:  # true would silently become 1.0 (DyMU off), "0.99" a number: both are refused
+            raise ThresholdsError(f"thresholds 'values' must be numbers (not booleans or strings); layers {bad} hold "
+                                  f"{[self.values[i] for i in bad]!r}.")
+        self.values = [float(v) for v in self.values]
         if not self.values:
             raise ThresholdsError("thresholds 'values' is empty; it needs one value per encoder layer.")
         bad = [i for i, v in enumerate(self.values) if not math.isfinite(v)]
@@ -208,8 +226,9 @@ class Thresholds:
                 f"{[self.values[i] for i in bad]}. Re-create the file with scripts/find_thresholds.py "
                 "(calibrated thresholds lie in [0, 1]); 1.0 merges nothing."
             )
-        if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) or self.num_layers < 1:
+        if not _is_int(self.num_layers) or self.num_layers < 1:
             raise ThresholdsError(f"thresholds 'num_layers' must be a positive integer, got {self.num_layers!r}.")
+        self._check_types()
         if len(self.values) > self.num_layers:
             raise ThresholdsError(f"{len(self.values)} thresholds for an encoder of {self.num_layers} layers; the "
                                   "file is inconsistent: re-create it with scripts/find_thresholds.py.")
@@ -218,9 +237,46 @@ class Thresholds:
             raise ThresholdsError(f"thresholds 'weights_sha256' must be null or a sha256 hex digest (64 lowercase hex "
                                   f"characters), got {w!r}; re-create the file with scripts/find_thresholds.py.")
 
+    def _check_types(self) -> None:
+        """Strict types of the fields besides ``values`` / ``num_layers`` (see :meth:`__post_init__`)."""
+        def fail(name: str, want: str, value: Any) -> None:
+            raise ThresholdsError(f"thresholds field '{name}' must be {want}, got {value!r} "
+                                  f"({type(value).__name__}); re-create the file with scripts/find_thresholds.py.")
+
+        if not isinstance(self.encoder, str) or not self.encoder:
+            fail("encoder", "a non-empty string (the encoder fingerprint)", self.encoder)
+        if not _is_int(self.feature_layer):
+            fail("feature_layer", "an integer hidden-state index (e.g. -2)", self.feature_layer)
+        if self.schedule is not None:
+            if not isinstance(self.schedule, (list, tuple)) or not all(_is_int(r) and r >= 0 for r in self.schedule):
+                fail("schedule", "null or a list of non-negative integers", self.schedule)
+            self.schedule = list(self.schedule)
+        for name in ("target_tokens", "num_images"):
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and value >= 0):
+                fail(name, "null or a non-negative integer", value)
+        for name in ("dtype",):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                fail(name, "null or a string", value)
+        if not isinstance(self.source, str):
+            fail("source", "a string", self.source)
+        if not isinstance(self.extra, dict):
+            fail("extra", "an object (dict)", self.extra)
+        r = self.realised_tokens
+        if r is not None:
+            if not isinstance(r, dict):
+                fail("realised_tokens", 'null or an object {"mean", "std", "num_images"}', r)
+            for key, value in r.items():
+                if not (_is_number(value) and math.isfinite(value) and value >= 0):
+                    fail(f"realised_tokens.{key}", "a finite non-negative number", value)
+
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> Path:
         """Write the thresholds as strict JSON (never pickle). Creates parent folders. Returns the path.
+
+        The file is replaced atomically (written under a unique temporary name in the same folder, then
+        ``os.replace``): concurrent readers see the old or the new file, and concurrent writers never fail.
 
         Raises:
             ThresholdsError: a field (e.g. in ``extra``) holds NaN / infinity, which strict JSON cannot hold.
@@ -232,9 +288,7 @@ class Thresholds:
         except ValueError as err:
             raise ThresholdsError(f"cannot save thresholds to {path}: {err} (a field holds NaN or infinity).") from err
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, text)  # unique temporary name + os.replace: concurrent writers and readers are safe
         return path
 
     @classmethod
@@ -387,6 +441,8 @@ def find_thresholds(
     progress: bool = True,
     source: str = "",
     extra: dict[str, Any] | None = None,
+    checkpoint: CalibrationCheckpoint | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> Thresholds:
     """Calibrate per-layer DToMe thresholds on a stream of image batches.
 
@@ -414,6 +470,15 @@ def find_thresholds(
             thresholds (default: none, ``realised_tokens`` stays empty).
         progress: show tqdm progress bars (rank 0 only).
         source, extra: recorded in the result.
+        checkpoint: a :class:`dymu.checkpoint.CalibrationCheckpoint` (one per rank) that records the state
+            (per-layer float64 sums and counts, inputs seen) after every batch, so a killed run loses at most
+            one batch. If it was resumed (``checkpoint.batches_done > 0``), the state starts from it and
+            ``batches`` must yield only the batches after those ``batches_done`` (the same batches, in the same
+            order, as the uninterrupted run): the result is then exactly that of the uninterrupted run. The
+            tower's identity (geometry, weights, feature layer, schedule, dtype) is recorded in it and checked
+            on resume. The file is left in place; delete it (``checkpoint.remove()``) once the result is saved.
+        on_batch: called with the number of batches done (resumed ones included) after each batch, once the
+            checkpoint is written (progress reporting; an exception raised here stops the calibration).
 
     Returns:
         :class:`Thresholds` with one value per layer run, the encoder fingerprint, the schedule, image count,
@@ -425,6 +490,8 @@ def find_thresholds(
             ``[1, N0]``; a ``feature_layer`` that selects no encoder layer; a schedule of the wrong length
             or one that asks more merges than a layer can make; a tower already patched to run another
             number of layers; no batches; a batch with NaN / inf pixels.
+        dymu.checkpoint.CheckpointError: a resumed ``checkpoint`` was written for another tower, schedule or
+            dtype (a ValueError).
     """
     from .patch import apply_dtome, encoder_spec, is_patched, layers_to_run, remove  # patch imports us
 
@@ -456,15 +523,34 @@ def find_thresholds(
             f"the vision model is already patched to run {vision_model._dymu.num_layers} layers, but "
             f"feature_layer={feature_layer} needs {n_run}; pass the same feature_layer or call dymu.remove(model)."
         )
+    identity = weights_identity(vision_model, n_run)
     rule = BatchBudgetRule(schedule, device=device)
+    n_images = torch.zeros((), dtype=torch.float64, device=device)
+    done = 0
+    if checkpoint is not None:
+        checkpoint.bind_model({"encoder": spec.fingerprint, "weights_sha256": identity, "feature_layer": feature_layer,
+                               "schedule": schedule, "dtype": str(dtype).removeprefix("torch.")})
+        if checkpoint.batches_done:
+            if len(checkpoint.sums) != len(schedule):
+                raise CheckpointError(f"calibration checkpoint {checkpoint.path} holds {len(checkpoint.sums)} layers, "
+                                      f"this calibration runs {len(schedule)}; delete it to start over.")
+            done = checkpoint.batches_done
+            rule.sums = torch.tensor(checkpoint.sums, dtype=torch.float64, device=device)
+            rule.counts = torch.tensor(checkpoint.counts, dtype=torch.float64, device=device)
+            n_images.fill_(checkpoint.n_images)
     if not was_patched:
         apply_dtome(vision_model, rule, feature_layer=feature_layer)
     try:
-        n_images = torch.zeros((), dtype=torch.float64, device=device)
-        for pixels in tqdm(batches, desc="calibrating thresholds", unit="batch", disable=not (progress and rank0)):
+        for pixels in tqdm(batches, desc="calibrating thresholds", unit="batch", disable=not (progress and rank0),
+                           initial=done):
             _check_finite(pixels)
             vision_model.dtome_forward(pixels.to(device=device, dtype=dtype), merge_rule=rule)
             n_images += pixels.shape[0]
+            done += 1
+            if checkpoint is not None:  # one host sync per batch: negligible next to the forward pass
+                checkpoint.record(rule.sums.tolist(), rule.counts.tolist(), n_images.item(), done)
+            if on_batch is not None:
+                on_batch(done)
         _all_reduce(rule.sums)
         _all_reduce(rule.counts)
         _all_reduce(n_images)
@@ -507,5 +593,5 @@ def find_thresholds(
         realised_tokens=realised,
         source=source or "dymu.find_thresholds",
         extra=meta,
-        weights_sha256=weights_identity(vision_model, n_run),
+        weights_sha256=identity,
     )

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from dymu._files import write_text_atomic  # the one implementation (dymu cannot import eval)
 
 __all__ = ["finite", "dumps", "read_json", "write_json_atomic", "write_text_atomic"]
 
@@ -48,29 +49,6 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
     except ValueError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); fix or delete it.") from err
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a uniquely named temporary file in the same folder, then replace.
-
-    Readers see the old or the new content, never a torn file; two writers never share a temporary name.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would stick to the replaced file
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_json_atomic(path: str | os.PathLike, value: Any) -> None:
