@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._files import write_text_atomic
+from .atomic import write_text_atomic
 
 __all__ = ["CalibrationCheckpoint", "CheckpointError", "CHECKPOINT_FORMAT"]
 

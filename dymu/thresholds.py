@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ._files import write_text_atomic
+from .atomic import write_text_atomic
 from .checkpoint import CalibrationCheckpoint, CheckpointError
 from .merge import ThresholdRule, constant_schedule, select_batch_top
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dymu._files import write_text_atomic  # the one implementation (dymu cannot import eval)
+from dymu.atomic import write_text_atomic  # the one implementation (dymu cannot import eval)
 
 __all__ = ["finite", "dumps", "read_json", "write_json_atomic", "write_text_atomic"]
 

@@ -384,3 +384,23 @@ def test_output_lock_owner_file_is_written_and_the_lock_released(tmp_path):
     holder.kill()
     holder.wait()
     assert time.perf_counter() - start < 60
+
+
+def test_atomic_writes_name_the_file_when_the_disk_refuses_and_keep_the_old_content(tmp_path):
+    """A file-size limit (RLIMIT_FSIZE) makes the OS refuse the write with EFBIG, which names no file by itself."""
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    code = textwrap.dedent(f"""
+        import resource, signal, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from dymu.atomic import write_text_atomic
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+        try:
+            write_text_atomic({str(target)!r}, "x" * 5000)
+        except OSError as err:
+            print(err)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert f"cannot write {target} (File too large); free disk space" in out.stdout, out.stdout + out.stderr
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]

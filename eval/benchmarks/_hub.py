@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from dymu.atomic import write_bytes_atomic
+
 __all__ = ["cache_file", "cache_file_name", "cache_image_bytes", "default_cache", "hub_image_feature", "load_dataset"]
 
 # Ids used as file names unchanged (so caches written before stay valid): letters, digits, "_", "-" and
@@ -91,9 +93,7 @@ def cache_image_bytes(folder: Path, row_id: object, image: object, where: str, s
     if not path.is_file():
         data = image.get("bytes") or Path(image["path"]).read_bytes()
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".tmp")
-        partial.write_bytes(data)
-        partial.replace(path)
+        write_bytes_atomic(path, data)  # unique temporary name: concurrent loaders never collide
     return path
 
 

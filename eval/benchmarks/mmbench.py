@@ -40,6 +40,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from dymu.atomic import atomic_path, write_bytes_atomic
 from eval.benchmarks import _hub
 from eval.benchmarks.base import Benchmark, Sample, check_limit
 from eval.benchmarks.choices import (
@@ -364,9 +365,7 @@ def _cache_image(data: bytes, cache: Path, index: int, where: str) -> str:
     target = (cache / f"{index}{suffix}").resolve()
     if not (target.is_file() and target.stat().st_size == len(data)):
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(target)
+        write_bytes_atomic(target, data)  # unique temporary name: concurrent loaders never collide
     return str(target)
 
 
@@ -392,8 +391,8 @@ def _questions_from_rows(rows, cache: Path, limit: int | None, source: str) -> l
         target = (cache / f"{index}.png").resolve()
         if not target.is_file():
             cache.mkdir(parents=True, exist_ok=True)
-            row["image"].convert("RGB").save(target.with_suffix(".tmp.png"))
-            target.with_suffix(".tmp.png").replace(target)
+            with atomic_path(target) as partial:
+                row["image"].convert("RGB").save(partial, format="PNG")
         question["image_path"] = str(target)
         questions.append(question)
     return questions

@@ -35,6 +35,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from dymu.atomic import atomic_path
 from eval.benchmarks import _hub
 from eval.benchmarks.base import Benchmark, Sample, check_limit, data_path
 from eval.benchmarks.choices import (
@@ -246,8 +247,8 @@ def _samples_from_rows(rows, cache: Path, limit: int | None, source: str) -> lis
         target = (cache / f"{pid}.png").resolve()
         if not target.is_file():
             cache.mkdir(parents=True, exist_ok=True)
-            row["image"].convert("RGB").save(target.with_suffix(".tmp.png"))
-            target.with_suffix(".tmp.png").replace(target)
+            with atomic_path(target) as partial:  # unique temporary name: concurrent loaders never collide
+                row["image"].convert("RGB").save(partial, format="PNG")
         problem = {key: value for key, value in row.items() if key != "image"}
         samples.append(_sample(pid, problem, str(target), f"{source} row {number}"))
     return samples

@@ -29,6 +29,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from dymu.atomic import atomic_path
 from eval.benchmarks import _hub
 from eval.benchmarks.base import Benchmark, Sample, check_limit, data_path
 from eval.benchmarks.choices import (
@@ -261,9 +262,8 @@ def _samples_from_rows(rows, cache: Path, limit: int | None, source: str) -> lis
         target = _hub.cache_file(cache.resolve(), sample.id, ".png")  # "../x" ids cannot leave the cache
         if not target.is_file():
             cache.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(target.name + ".tmp.png")
-            image.convert("RGB").save(partial)
-            partial.replace(target)
+            with atomic_path(target) as partial:  # unique temporary name: concurrent loaders never collide
+                image.convert("RGB").save(partial, format="PNG")
         sample.image_paths = [str(target)]
         samples.append(sample)
     return samples
