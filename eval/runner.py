@@ -456,10 +456,10 @@ def raise_if_failed(metrics: dict, output_dir: str | os.PathLike) -> None:
 
 def _run_batch(generate: Generate, benchmark: Benchmark, batch: list[Sample]) -> list[dict]:
     """Generate for a batch; if it fails, retry sample by sample so one bad sample fails alone."""
-    prompts = [benchmark.prompt(s) for s in batch]
-    inputs = [benchmark.visual_inputs(s) for s in batch]
     start = time.perf_counter()
-    try:
+    try:  # reading a sample's inputs (a video's frames, ...) can fail too: that sample alone is recorded
+        prompts = [benchmark.prompt(s) for s in batch]
+        inputs = [benchmark.visual_inputs(s) for s in batch]
         answers, tokens = generate(prompts, inputs, benchmark.max_new_tokens)
         if len(answers) != len(batch) or len(tokens) != len(batch):
             raise RuntimeError(f"generate returned {len(answers)} answers and {len(tokens)} token counts for "

@@ -21,14 +21,20 @@ def build_prompt(question: str, num_images: int = 1, system: str = SYSTEM_VICUNA
 
     Args:
         question: the user's text. If it already contains ``<image>`` placeholders they are kept as
-            they are (their count must match the images passed later); otherwise ``num_images``
-            placeholders are put before it, each followed by a newline, as LLaVA-1.5 does.
+            they are (their count must match the images passed later; the tokenizer reads every
+            ``<image>`` as an image slot, so the literal text cannot be asked about); otherwise
+            ``num_images`` placeholders are put before it, each followed by a newline, as LLaVA-1.5 does.
+            (``DyMULlava.prompt`` also refuses a question whose placeholders do not match its images.)
         num_images: images the prompt refers to.
         system: the system sentence.
 
     Raises:
+        TypeError: ``question`` is not a str.
         ValueError: empty question.
     """
+    if not isinstance(question, str):
+        raise TypeError(f"the question is {type(question).__name__} ({question!r:.60}), not a string; pass the text "
+                        "as a str.")
     if not question or not question.strip():
         raise ValueError("the question is empty; pass the text to ask about the image.")
     if IMAGE_PLACEHOLDER not in question:

@@ -47,70 +47,221 @@ MAX_IMAGE_SIDE = 4608
 a box filter), bounding preprocessing memory: twice LLaVA-OneVision's largest AnyRes side; LLaVA-1.5 sees 336."""
 
 
-def _to_rgb(img: Image.Image, name: object) -> Image.Image:
-    """8-bit RGB of a loaded image (see :func:`load_image` for the rules)."""
+def _supported_formats() -> tuple[str, ...]:
+    from PIL import features
+
+    Image.init()  # registers every plugin, so the check below sees them all
+    wanted = {"JPEG": "jpg", "MPO": "jpg", "PNG": "zlib", "BMP": None, "GIF": None, "WEBP": "webp", "TIFF": None,
+              "AVIF": "avif"}  # format -> the Pillow feature that decodes it
+    return tuple(f for f, need in wanted.items() if f in Image.registered_extensions().values()
+                 and (need is None or features.check(need)))
+
+
+IMAGE_FORMATS: tuple[str, ...] = _supported_formats()
+"""The file formats :func:`load_image` opens (Pillow format names): the raster formats JPEG, MPO (multi-picture
+JPEG from phones; Pillow reads it with its JPEG plugin), PNG (and APNG), BMP, GIF, WEBP, TIFF and AVIF, each
+where this Pillow build can decode it. Every other format Pillow knows (EPS, which it would render with
+Ghostscript; XPM, ICO, PSD, PPM, TGA, ...) is refused whatever the file is called; Pillow cannot read PDF at all.
+:data:`IMAGE_SUFFIXES` lists these formats' file names."""
+
+IMAGE_SUFFIXES: tuple[str, ...] = tuple(sorted(
+    suffix for suffix, fmt in Image.registered_extensions().items() if fmt in IMAGE_FORMATS))
+"""File-name suffixes (lower case) of :data:`IMAGE_FORMATS`, from Pillow's registered extensions: what
+``llava.calibrate.list_images`` collects from a folder."""
+
+_OPENED_FORMATS = tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)  # MPO has no opener of its own: JPEG's reads it
+_TILE_SIDE = 1024  # px; conversion works on tiles of about this side, so its copies are small whatever the mode
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}  # EXIF orientation tag -> the transposition that makes it upright
+
+
+def _open_regular_file(path: str | os.PathLike):
+    """``path`` opened for binary reading, refused (ValueError) unless it is a regular file.
+
+    ``os.stat`` decides before anything is opened: a named pipe is never opened (reading one blocks until a
+    writer appears). The open itself is non-blocking and re-checked, in case the path changed in between.
+    """
+    import stat
+
+    kinds = {stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket",
+             stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+
+    def refuse(mode: int) -> None:
+        if stat.S_ISDIR(mode):
+            raise ValueError(f"image path {path} is a directory, not an image file; pass the path of an image file.")
+        if not stat.S_ISREG(mode):
+            kind = next((kind for test, kind in kinds.items() if test(mode)), "a special file")
+            raise ValueError(f"image path {path} is {kind}, not a regular file; it is not read, since reading a pipe "
+                             "or device can block or never end. Save the image to a file and pass that path.")
+
+    try:
+        refuse(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # a symbolic-link loop, a path component that is not a folder, no permission, ...
+        raise ValueError(f"cannot access image path {path}: {err.strerror or err}; check the path and any symbolic "
+                         "links on it.") from err
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except PermissionError as err:
+        raise ValueError(f"cannot open image file {path}: permission denied; make it readable or copy it to a "
+                         "folder you can read.") from err
+    try:
+        refuse(os.fstat(fd).st_mode)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _refused_format(fp) -> str | None:
+    """The Pillow formats outside :data:`IMAGE_FORMATS` whose signature the file's first bytes match, if any
+    (``"XBM or XPM"`` where several do).
+
+    Only the plugins' signature checks run, on the first 16 bytes; nothing is parsed or decoded.
+    """
+    try:
+        fp.seek(0)
+        prefix = fp.read(16)
+    except (OSError, ValueError, AttributeError):
+        return None
+    matches = []
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        try:
+            if accept is not None and accept(prefix):
+                matches.append(fmt)
+        except Exception:  # noqa: BLE001 - a plugin's check that chokes on these bytes does not claim them
+            continue
+    if any(fmt in IMAGE_FORMATS for fmt in matches):
+        return None  # an allowed format's signature: a corrupt file of that format, not a refused one
+    return " or ".join(matches) or None
+
+
+def _rgb_converter(img: Image.Image, name: object):
+    """How to turn (a tile of) ``img`` into 8-bit RGB (see :func:`load_image` for the rules); the mode and, for
+    32-bit integer images, the value range are checked once for the whole image."""
+    if img.mode == "F":
+        raise ValueError(f"image {name} holds 32-bit floats (PIL mode 'F'), which have no defined value range; "
+                         "convert it to 8 bit first, e.g. Image.fromarray((array * 255).round().astype('uint8')).")
     if img.mode.startswith("I;16") or img.mode == "I":
         import numpy as np
 
-        values = np.asarray(img).astype(np.int32)
-        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        low, high = img.getextrema() if img.width and img.height else (0, 0)
         if img.mode == "I" and 0 <= low and high <= 255:
-            pass  # 8-bit data held in a 32-bit image: as PIL's own conversion
+            scale = False  # 8-bit data held in a 32-bit image: as PIL's own conversion
         elif 0 <= low and high <= 65535:
-            values = (values + 128) // 257  # 16 bit -> 8 bit, rounded (65535 -> 255); convert() would saturate
+            scale = True  # 16 bit -> 8 bit, rounded (65535 -> 255); convert() would saturate
         else:
             raise ValueError(f"image {name} is a 32-bit integer image with values in [{low}, {high}], beyond 16 bit; "
                              "scale it to 8 bit and pass it as a PIL image.")
-        img = Image.fromarray(values.astype(np.uint8))
-    elif img.mode == "F":
-        raise ValueError(f"image {name} holds 32-bit floats (PIL mode 'F'), which have no defined value range; "
-                         "convert it to 8 bit first, e.g. Image.fromarray((array * 255).round().astype('uint8')).")
-    elif img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # then alpha is dropped as for RGBA (same colours, no PIL warning)
-    return img if img.mode == "RGB" else img.convert("RGB")
+
+        def from_integers(tile: Image.Image) -> Image.Image:
+            values = np.asarray(tile).astype(np.uint32)
+            if scale:
+                values += 128
+                values //= 257
+            return Image.fromarray(values.astype(np.uint8)).convert("RGB")
+
+        return from_integers
+    if img.mode == "P" and "transparency" in img.info:
+        return lambda tile: tile.convert("RGBA").convert("RGB")  # alpha then dropped as for RGBA (no PIL warning)
+    return lambda tile: tile if tile.mode == "RGB" else tile.convert("RGB")
+
+
+def _to_rgb(img: Image.Image, name: object, factor: int) -> Image.Image:
+    """``img`` as 8-bit RGB reduced by ``factor``, converted tile by tile; never ``img`` itself.
+
+    Equal to converting the whole image, then ``reduce(factor)``: tiles start at multiples of ``factor``, so the
+    reduction boxes are the same. Only one tile's conversion is held at a time besides the output.
+    """
+    convert = _rgb_converter(img, name)
+    width, height = img.size
+    if width <= _TILE_SIDE and height <= _TILE_SIDE:
+        out = convert(img.crop((0, 0, width, height)) if img.mode == "RGB" else img)  # crop: a copy
+        return out.reduce(factor) if factor > 1 else out
+    side = factor * max(1, _TILE_SIDE // factor)  # a multiple of factor
+    out = Image.new("RGB", (-(-width // factor), -(-height // factor)))
+    for top in range(0, height, side):
+        for left in range(0, width, side):
+            tile = convert(img.crop((left, top, min(left + side, width), min(top + side, height))))
+            out.paste(tile.reduce(factor) if factor > 1 else tile, (left // factor, top // factor))
+    return out
+
+
+def _open_allowed_format(fp, name: object) -> Image.Image:
+    """``Image.open`` restricted to :data:`IMAGE_FORMATS`; a file in another known format is a ValueError naming it."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        return Image.open(fp, formats=_OPENED_FORMATS)
+    except UnidentifiedImageError:
+        refused = _refused_format(fp)
+        if refused is None:  # Pillow's message would name the file descriptor; load_image names the file
+            raise UnidentifiedImageError("cannot identify image file") from None
+    raise ValueError(f"image {name} is in {refused} format, which load_image does not open; it reads only the "
+                     f"raster formats {', '.join(IMAGE_FORMATS)}. Convert it to PNG or JPEG first.")
+
+
+def _upright_rgb(img: Image.Image, name: object) -> Image.Image:
+    """:func:`_to_rgb` with the reduction :func:`load_image` documents, then the EXIF orientation applied."""
+    orientation = img.getexif().get(0x0112)
+    out = _to_rgb(img, name, max(1, -(-max(img.size) // MAX_IMAGE_SIDE)))  # ceil: longer side in (MAX/2, MAX]
+    return out.transpose(_ORIENTATION[orientation]) if orientation in _ORIENTATION else out
 
 
 def load_image(image: ImageLike) -> Image.Image:
     """Open an image file (or take a PIL image) as the 8-bit RGB image the model sees.
 
-    - EXIF orientation is applied (``ImageOps.exif_transpose``): a portrait photo stored sideways is upright.
-      (Upstream LLaVA does not do this; only files carrying an orientation tag differ.)
+    - Files are opened only in the formats :data:`IMAGE_FORMATS` (JPEG, MPO, PNG, BMP, GIF, WEBP, TIFF, AVIF),
+      whatever their name: an EPS file named ``photo.jpg`` is refused, not rendered by Ghostscript (XPM, ICO,
+      PSD, PPM, ... likewise). Only regular files are opened: a directory, named pipe (never opened: reading it
+      would block), device or symbolic-link loop is refused at once.
+    - EXIF orientation is applied (as ``ImageOps.exif_transpose``, after any reduction): a portrait photo stored
+      sideways is upright. (Upstream LLaVA does not do this; only files carrying an orientation tag differ.)
     - 16-bit images (PIL modes ``I;16*``, e.g. 16-bit PNG / TIFF, and ``I`` with values up to 65535) are scaled
       to 8 bit (``round(v / 257)``); ``I`` images whose values fit in ``[0, 255]`` are taken as 8-bit.
     - Alpha (RGBA, LA, palette with transparency) is dropped exactly as upstream LLaVA's ``convert("RGB")``
       does: the colour stored under transparent pixels is kept, nothing is composited. Composite it
       yourself (e.g. onto white) and pass the PIL image if that is what you want.
     - Grayscale, 1-bit, palette and CMYK images go through PIL's conversion to RGB.
-    - An image whose longer side exceeds :data:`MAX_IMAGE_SIDE` is first reduced by the smallest integer
-      factor that brings it within (it is resized to 336 / at most 2304 px later anyway).
-      PIL's decompression-bomb limit (``2 * PIL.Image.MAX_IMAGE_PIXELS`` pixels) applies to files.
+    - An image whose longer side exceeds :data:`MAX_IMAGE_SIDE` is reduced by the smallest integer factor that
+      brings it within (``Image.reduce``, a box filter, on the RGB image; it is resized to 336 / at most 2304 px
+      later anyway). PIL's decompression-bomb limit (``2 * PIL.Image.MAX_IMAGE_PIXELS`` pixels) applies to files.
+
+    Memory: PIL decodes a file whole, taking width x height x 1 byte (modes ``1``, ``L``, ``P``), 2 bytes
+    (``I;16``) or 4 bytes (``RGB``, ``RGBA``, ``CMYK``, ``I``: PIL stores 3 channels in 4 bytes). On top of that
+    load_image holds only its output (at most 4608 x 4608 px, 81 MiB) and one tile of about 1024 x 1024 px being
+    converted, whatever the mode and size: peak memory stays under 160 MiB above the decoded image (measured
+    at most 110 MiB, for every mode, up to PIL's largest legal image of 179 M px). The result equals
+    converting the whole image, then reducing it.
 
     A PIL image passed in is not modified.
 
     Raises:
         FileNotFoundError: no file at the path.
-        ValueError: the file is not a readable image (truncated, not an image, a decompression bomb, a
-            float image, or a mode PIL cannot convert); the message names the file and what to do.
+        ValueError: the path is not a regular file (directory, named pipe, device, symbolic-link loop) or not
+            readable; the file is in a format outside :data:`IMAGE_FORMATS` (the message names the format); or it
+            is not a readable image (truncated, not an image, a decompression bomb, a float image, or a mode PIL
+            cannot convert). The message names the file and what to do.
         TypeError: ``image`` is neither a PIL image nor a path / file object.
     """
     name = image if isinstance(image, (str, os.PathLike)) else (
         getattr(image, "filename", "") or getattr(image, "name", "") or f"<{type(image).__name__}>")
     try:
         if isinstance(image, Image.Image):
-            img = ImageOps.exif_transpose(image)  # a copy: the caller's image is left as it is
-        elif isinstance(image, (str, os.PathLike)) or hasattr(image, "read"):
-            with Image.open(image) as opened:
+            return _upright_rgb(image, name)
+        if isinstance(image, (str, os.PathLike)):
+            with _open_regular_file(image) as fp, _open_allowed_format(fp, name) as opened:
                 opened.load()
-                ImageOps.exif_transpose(opened, in_place=True)
-                img = opened
-        else:
-            raise TypeError(f"load_image takes a PIL image or an image file path, got {type(image).__name__}; "
-                            "wrap an (H, W, 3) uint8 array with PIL.Image.fromarray(array).")
-        factor = -(-max(img.size) // MAX_IMAGE_SIDE)  # ceil: the longer side ends in (MAX / 2, MAX]
-        if factor > 1 and img.mode in ("L", "LA", "RGB", "RGBA", "CMYK", "I"):
-            img = img.reduce(factor)  # before the RGB conversion, which would copy the full-size image
-        img = _to_rgb(img, name)
-        return img.reduce(factor) if max(img.size) > MAX_IMAGE_SIDE else img
+                return _upright_rgb(opened, name)
+        if hasattr(image, "read"):
+            with _open_allowed_format(image, name) as opened:
+                opened.load()
+                return _upright_rgb(opened, name)
+        raise TypeError(f"load_image takes a PIL image or an image file path, got {type(image).__name__}; "
+                        "wrap an (H, W, 3) uint8 array with PIL.Image.fromarray(array).")
     except FileNotFoundError as err:
         raise FileNotFoundError(f"image file {image} does not exist; check the path (or the benchmark's "
                                 "data_dir / image root).") from err
@@ -118,8 +269,9 @@ def load_image(image: ImageLike) -> Image.Image:
         raise ValueError(f"image {name} is too large to decode safely ({err}); if the file is trusted, shrink it "
                          "first or raise PIL.Image.MAX_IMAGE_PIXELS.") from err
     except (OSError, SyntaxError, EOFError) as err:
-        raise ValueError(f"cannot read image {name}: {err}. The file is truncated, corrupt or not an image "
-                         "(JPEG, PNG, ...): re-download or re-export it, or drop it from the inputs.") from err
+        raise ValueError(f"cannot read image {name}: {err}. The file is truncated, corrupt or not an image in a "
+                         f"format load_image opens ({', '.join(IMAGE_FORMATS)}): re-download or re-export it, or "
+                         "drop it from the inputs.") from err
     except ValueError as err:
         if str(name) in str(err):
             raise
@@ -141,35 +293,77 @@ def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Im
     return square
 
 
+def _frames_shape_hint(shape: tuple[int, ...]) -> str:
+    """What to do about a frames array of the wrong shape (see :class:`Video`)."""
+    if 0 in shape:
+        return "; it holds no pixels (a dimension is 0): check the decoding / sampling that made it"
+    if len(shape) == 3 and shape[-1] == 3:
+        return "; one frame of shape (H, W, 3)? add the time axis: frames[None]"
+    if len(shape) == 3:
+        return "; grayscale frames (T, H, W)? repeat them to RGB: np.repeat(frames[..., None], 3, axis=-1)"
+    if len(shape) == 4 and shape[1] == 3:
+        return "; channels first (T, 3, H, W)? move them last: frames.transpose(0, 2, 3, 1) (torch: permute)"
+    if len(shape) == 4 and shape[-1] == 4:
+        return "; RGBA? drop the alpha channel: frames[..., :3]"
+    if len(shape) == 4 and shape[-1] == 1:
+        return "; one channel? repeat it to RGB: frames.repeat(3, axis=-1)"
+    return ""
+
+
 @dataclass
 class Video:
     """A video as a prompt input: its sampled frames, in time order (for a ``<video>`` placeholder).
 
+    Only LLaVA-OneVision takes videos; for LLaVA-1.5 pass frames as images.
+
     Attributes:
-        frames: images (PIL or paths) or a ``(F, H, W, 3)`` uint8 array / tensor.
+        frames: a non-empty list of frames (PIL images or paths), or a ``(T, H, W, 3)`` uint8 RGB array /
+            tensor with ``T, H, W >= 1``. Checked when the Video is made.
+
+    Raises:
+        TypeError: ``frames`` is one image or path, or neither a list nor an array.
+        ValueError: no frames; an array whose shape is not ``(T, H, W, 3)`` with ``T, H, W >= 1`` or whose dtype is
+            not uint8 (the message says how to convert).
     """
 
     frames: Sequence[ImageLike] | object
+
+    def __post_init__(self) -> None:
+        frames = self.frames
+        if hasattr(frames, "shape") and hasattr(frames, "dtype"):  # (T, H, W, 3) array or tensor
+            shape = tuple(int(n) for n in frames.shape)
+            if len(shape) != 4 or shape[-1] != 3 or 0 in shape:
+                raise ValueError(f"Video frames as an array must have shape (T, H, W, 3) (T RGB frames of H x W "
+                                 f"pixels, T, H, W >= 1), got {shape}{_frames_shape_hint(shape)}.")
+            dtype = str(frames.dtype).removeprefix("torch.")
+            if dtype != "uint8":  # a cast would wrap or zero floats (0..1 frames, NaN) without a word
+                raise ValueError(f"Video frames as an array must be uint8 RGB (T, H, W, 3), got dtype {dtype}; "
+                                 "convert first, e.g. (frames * 255).round().clip(0, 255).astype(np.uint8).")
+        elif isinstance(frames, (str, bytes, os.PathLike, Image.Image)) or not isinstance(frames, Sequence):
+            raise TypeError(f"Video takes a list of frames (PIL images or paths) or a (T, H, W, 3) uint8 array, got "
+                            f"{type(frames).__name__}; wrap a single frame in a list (Video([frame])), or pass a "
+                            "still image as an image, not a Video.")
+        elif len(frames) == 0:
+            raise ValueError("a Video needs at least one frame, got an empty list of frames.")
+
+    @property
+    def num_frames(self) -> int:
+        """Frames in the video (without decoding them)."""
+        return int(self.frames.shape[0]) if hasattr(self.frames, "shape") else len(self.frames)
 
     def images(self) -> list[Image.Image]:
         """The frames as RGB PIL images.
 
         Raises:
-            ValueError: no frames, or an array of frames that is not uint8.
+            ValueError: a frame file that cannot be read (see :func:`load_image`).
         """
         frames = self.frames
-        if hasattr(frames, "shape"):  # (F, H, W, 3) array or tensor
+        if hasattr(frames, "shape"):  # checked in __post_init__: (T, H, W, 3) uint8
             import numpy as np
 
             array = np.asarray(frames.cpu() if hasattr(frames, "cpu") else frames)
-            if array.dtype != np.uint8:  # a cast would wrap or zero floats (0..1 frames, NaN) without a word
-                raise ValueError(f"Video frames as an array must be uint8 RGB (F, H, W, 3), got dtype {array.dtype}; "
-                                 "convert first, e.g. (frames * 255).round().clip(0, 255).astype(np.uint8).")
             frames = [Image.fromarray(f) for f in array]
-        images = [load_image(f) for f in frames]
-        if not images:
-            raise ValueError("a Video needs at least one frame.")
-        return images
+        return [load_image(f) for f in frames]
 
 
 @dataclass(frozen=True)
@@ -282,6 +476,40 @@ class LlavaInputs:
         return kwargs
 
 
+def _check_text(name: str, text: object) -> None:
+    """``text`` (a question or prompt, ``name`` says which) must be a ``str`` of valid Unicode.
+
+    The tokenizers fail on anything else with a raw ``TypeError`` that names neither the prompt nor the cause.
+
+    Raises:
+        TypeError: not a ``str``.
+        ValueError: it holds a lone surrogate (``"\\ud800"``), which is not Unicode text and cannot be encoded.
+    """
+    if not isinstance(text, str):
+        hint = " (decode bytes first: text.decode('utf-8'))" if isinstance(text, (bytes, bytearray)) else ""
+        raise TypeError(f"{name} is {type(text).__name__} ({text!r:.60}), not a string; pass the text as a str{hint}.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{name} holds a lone surrogate U+{ord(text[err.start]):04X} at character {err.start} "
+            f"({text[:err.start][-30:]!r} precedes it), which is not valid Unicode text (typically text decoded with errors='surrogateescape' or a "
+            "JSON '\\ud83d' escape without its pair); repair the text, e.g. text.encode('utf-8', "
+            "'replace').decode('utf-8') puts '?' in its place."
+        ) from None
+
+
+def _describe_inputs(inputs: Sequence) -> str:
+    """``"2 images and 1 video (64 frames)"``: the visual inputs of one prompt, for error messages."""
+    videos = [x for x in inputs if isinstance(x, Video)]
+    n_images = len(inputs) - len(videos)
+    parts = [f"{n_images} image{'s' * (n_images != 1)}"] if n_images or not videos else []
+    if videos:
+        frames = sum(v.num_frames for v in videos)
+        parts.append(f"{len(videos)} video{'s' * (len(videos) != 1)} ({frames} frame{'s' * (frames != 1)})")
+    return " and ".join(parts)
+
+
 def _split_tower_output(out) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per image of a DToMe tower output: ``(n_i, C)`` real tokens and ``(N0,)`` group ids."""
     lengths = (out.padding_mask.sum(-1).tolist() if out.padding_mask is not None
@@ -306,6 +534,11 @@ class DyMULlava:
         ValueError: unknown ``image_aspect_ratio`` or ``vtu_cache``; a budget the model cannot meet (e.g. no
             DToMe in the tower).
     """
+
+    supports_video = False
+    """Whether :class:`Video` inputs are taken (LLaVA-OneVision); LLaVA-1.5 takes images only."""
+    placeholders = ("<image>",)
+    """Texts the tokenizer reads as a visual input's slot (LLaVA-OneVision adds ``<video>``)."""
 
     def __init__(self, model: LlavaForConditionalGeneration, processor, vtu: bool = True, image_aspect_ratio: str = "pad",
                  vtu_cache: str = "merged", budget: VisualBudget | dict | None = None):
@@ -344,6 +577,85 @@ class DyMULlava:
     def dtype(self) -> torch.dtype:
         """Dtype of the model's weights (pixels are cast to it)."""
         return self.model.dtype
+
+    @property
+    def max_positions(self) -> int | None:
+        """Positions the language model takes (``text_config.max_position_embeddings``, read at each call);
+        None when its config has no limit."""
+        limit = getattr(self.model.config.text_config, "max_position_embeddings", None)
+        return int(limit) if limit is not None else None
+
+    def _visual_positions_before_encoding(self, inputs: Sequence[ImageLike | Video]) -> tuple[int, bool]:
+        """LLM positions the visual inputs of one prompt take, as known before encoding: ``(count, exact)``,
+        ``count`` a lower bound when not ``exact``.
+
+        With VTU the count is the virtual (unmerged) layout, which merging does not change; LLaVA-1.5: exact,
+        every image's full patch grid (576 for CLIP ViT-L/14-336). Without VTU the merged count is known only
+        after encoding (at least one position per image).
+        """
+        if not self.vtu or not inputs:
+            return len(inputs), not inputs
+        try:
+            n0, _ = _dymu.vision_token_count(self.tower)
+        except NotImplementedError:  # a tower of unknown geometry: the exact check after encoding still holds
+            return len(inputs), False
+        keep_cls = self.model.config.vision_feature_select_strategy == "full"
+        return (n0 - (0 if keep_cls else 1)) * len(inputs), True  # as encode_images drops token 0
+
+    def _check_positions(self, index: int, text: int, visual: int, inputs: Sequence, max_new_tokens: int,
+                         exact: bool = True) -> None:
+        """Prompt ``index`` (``text`` tokens, ``visual`` LLM positions of its ``inputs``) plus ``max_new_tokens``
+        must fit in :attr:`max_positions`.
+
+        Raises:
+            ValueError: it does not; the message gives the numbers and what to reduce.
+        """
+        limit, total = self.max_positions, text + visual + max_new_tokens
+        if limit is None or total <= limit:
+            return
+        layout = ("visual tokens count in the unmerged layout that VTU's positions run over, so merging does not "
+                  "shorten them" if self.vtu else
+                  "visual tokens are the merged ones, at consecutive positions (VTU off)")
+        raise ValueError(
+            f"prompt {index} needs {'' if exact else 'at least '}{total:,} positions but the language model has "
+            f"{limit:,} (text_config.max_position_embeddings): {text:,} text tokens + {visual:,} visual tokens for "
+            f"{_describe_inputs(inputs)} + {max_new_tokens:,} for the answer (max_new_tokens); {layout}. Cut at "
+            f"least {total - limit:,}: fewer images or video frames, a shorter prompt, or a smaller max_new_tokens."
+        )
+
+    def _check_visual_inputs(self, index: int, inputs: Sequence) -> None:
+        """The model takes every input of prompt ``index``.
+
+        Raises:
+            TypeError: a :class:`Video` for a model without video support (LLaVA-1.5).
+        """
+        for i, item in enumerate(inputs):
+            if isinstance(item, Video) and not self.supports_video:
+                raise TypeError(
+                    f"prompt {index}, input {i} is a llava.Video ({item.num_frames} frames), but {type(self).__name__} "
+                    "(LLaVA-1.5) takes images only: use a LLaVA-OneVision model for video, or pass the frames as "
+                    "images (video.images(), one '<image>' each)."
+                )
+
+    def _check_question(self, question: object, inputs: Sequence, index: int | None = None) -> None:
+        """A question for :meth:`prompt` (``index``: its place in a :meth:`generate` call).
+
+        Raises:
+            TypeError: not a str.
+            ValueError: a lone surrogate; placeholders in the question that do not match the inputs one to one.
+        """
+        name = f"question {index}" if index is not None else "the question"
+        _check_text(name, question)
+        count = sum(question.count(p) for p in self.placeholders)
+        if count and count != len(inputs):
+            marks = " / ".join(f"'{p}'" for p in self.placeholders)
+            raise ValueError(
+                f"{name} contains {count} {marks} placeholder{'s' * (count != 1)} but {_describe_inputs(inputs)} "
+                f"{'was' if len(inputs) == 1 else 'were'} given. A question that contains {marks} places its inputs "
+                "itself, one placeholder per input in order (a question without any gets them before it). If the "
+                "text is meant literally, it cannot be passed as it is, since the tokenizer reads it as the slot "
+                "of an input: write it another way, e.g. '< image >'."
+            )
 
     # -------------------------------------------------------------- images
     def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
@@ -471,10 +783,14 @@ class DyMULlava:
         return EncodedImages(features=features, group_index=groups)
 
     def encode_prompt_images(self, images: Sequence[Sequence[ImageLike]]) -> EncodedImages:
-        """Encode the images of a batch of prompts (per prompt, its images), flattened in prompt order."""
+        """Encode the images of a batch of prompts (per prompt, its images), flattened in prompt order.
+
+        Raises:
+            TypeError: a :class:`Video` (LLaVA-1.5 takes images only).
+        """
+        for s, imgs in enumerate(images):
+            self._check_visual_inputs(s, imgs)
         flat = [img for imgs in images for img in imgs]
-        if any(isinstance(img, Video) for img in flat):
-            raise NotImplementedError(f"{type(self).__name__} takes images only; videos need LLaVA-OneVision.")
         return self.encode_images(self.preprocess(flat)) if flat else EncodedImages([], [])
 
     @torch.no_grad()
@@ -519,13 +835,36 @@ class DyMULlava:
         return vis.tile(rows)
 
     def prompt(self, question: str, inputs: Sequence[ImageLike | Video] = ("image",)) -> str:
-        """The model's chat prompt for one question about ``inputs`` (LLaVA-1.5: the vicuna_v1 template)."""
+        """The model's chat prompt for one question about ``inputs`` (LLaVA-1.5: the vicuna_v1 template).
+
+        Placeholders: a question without ``<image>`` gets one ``<image>\\n`` per input before it. A question that
+        contains ``<image>`` places its inputs itself: it must contain exactly one per input, in input order,
+        each taken as that input's slot. So the literal text ``<image>`` cannot be asked about as it is (the
+        tokenizer reads it as the image slot): a question holding it with a different number of inputs is
+        refused rather than guessed at; write such text another way (e.g. ``< image >``).
+
+        Raises:
+            TypeError: ``question`` is not a str.
+            ValueError: an empty question, a lone surrogate in it, or placeholders in it that do not match
+                ``inputs`` one to one.
+        """
+        self._check_question(question, inputs)
         return build_prompt(question, num_images=len(inputs))
 
     # ------------------------------------------------------------- prompts
     def build_inputs(self, prompts: Sequence[str], images: Sequence[Sequence[ImageLike]],
-                     budget: VisualBudget | dict | None = None) -> LlavaInputs:
+                     budget: VisualBudget | dict | None = None, max_new_tokens: int = 0) -> LlavaInputs:
         """Tokenise prompts, encode their images, and lay out the merged batch (left padding).
+
+        Position limit: each prompt's positions plus ``max_new_tokens`` must fit in the language model's
+        :attr:`max_positions` (``text_config.max_position_embeddings``). With VTU the positions are the virtual
+        layout: its text tokens plus every visual input's full pre-merge token count (576 per LLaVA-1.5 image),
+        however much the encoder merges; without VTU, the merged length. The check runs twice, both times
+        before the LLM: before any image is read or encoded, on the length known from the prompt alone (exact
+        for LLaVA-1.5 images and LLaVA-OneVision videos and multi-image prompts; a lower bound for a
+        single-image AnyRes prompt, whose length depends on the image size), and after encoding, exactly.
+
+        An empty batch (``[]``, ``[]``) gives empty inputs (no prompt, nothing encoded).
 
         Args:
             prompts: full prompts containing one ``<image>`` placeholder per image (see
@@ -533,15 +872,29 @@ class DyMULlava:
             images: per prompt, its images in placeholder order.
             budget: this request's :class:`VisualBudget` (per-image lists follow the images in prompt
                 order); default: the pipeline's :attr:`budget`.
+            max_new_tokens: positions to keep free after each prompt for its answer (:meth:`generate` passes
+                its own); 0 for a forward pass.
 
         Raises:
-            ValueError: prompts and image lists differ in length, or a prompt's placeholder count differs
-                from its number of images.
+            TypeError: ``prompts`` is one str rather than a list, a prompt is not a str, or a :class:`Video`
+                for a model without video support (LLaVA-1.5).
+            ValueError: prompts and image lists differ in length; a prompt holds a lone surrogate; a prompt's
+                placeholder count differs from its number of images; a prompt (plus ``max_new_tokens``) is
+                longer than the model's position limit; ``max_new_tokens`` is negative or not an int.
         """
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of prompts, one per sample; got a single str: wrap it, "
+                            "build_inputs([prompt], [images]).")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}.")
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists.")
-        tokenised = []  # placeholders are checked first: a bad prompt costs no vision compute
+        if not prompts:
+            return self._empty_inputs()
+        tokenised = []  # placeholders and lengths are checked first: a bad prompt costs no vision compute
         for s, (prompt, imgs) in enumerate(zip(prompts, images)):
+            _check_text(f"prompt {s}", prompt)
+            self._check_visual_inputs(s, imgs)
             ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"][0].to(self.device)
             is_video = ids == self.video_token_id if self.video_token_id is not None else torch.zeros_like(ids).bool()
             slots = ((ids == self.image_token_id) | is_video).nonzero().flatten().tolist()
@@ -555,6 +908,8 @@ class DyMULlava:
             if kinds != [isinstance(item, Video) for item in imgs]:
                 raise ValueError(f"prompt {s}: the order of '<image>' / '<video>' placeholders does not match the "
                                  "inputs (pass llava.Video(frames) for each '<video>').")
+            visual, exact = self._visual_positions_before_encoding(imgs)
+            self._check_positions(s, len(ids) - len(slots), visual, imgs, max_new_tokens, exact=exact)
             tokenised.append((ids, slots))
         self._request_budget = VisualBudget.coerce(budget) if budget is not None else None
         try:
@@ -564,7 +919,7 @@ class DyMULlava:
         embed = self.model.get_input_embeddings()
         merged_embeds, virtual_groups, merged_lengths, visual_tokens, unmerged = [], [], [], [], []
         next_image = 0
-        for ids, slots in tokenised:
+        for s, (ids, slots) in enumerate(tokenised):
             pieces, groups, offset, cursor, n_visual, n_unmerged = [], [], 0, 0, 0, 0
             for slot in slots + [len(ids)]:
                 text = ids[cursor:slot]
@@ -580,6 +935,8 @@ class DyMULlava:
                     n_unmerged += encoded.group_index[next_image].numel()
                     next_image += 1
                 cursor = slot + 1
+            n_text = len(ids) - len(slots)  # the exact check, before the LLM: virtual (VTU) or merged positions
+            self._check_positions(s, n_text, n_unmerged if self.vtu else n_visual, images[s], max_new_tokens)
             merged_embeds.append(torch.cat(pieces))
             virtual_groups.append(torch.cat(groups))
             merged_lengths.append(offset)
@@ -588,6 +945,12 @@ class DyMULlava:
         inputs = self._pad(merged_embeds, virtual_groups, merged_lengths, visual_tokens)
         inputs.unmerged_visual_tokens = unmerged
         return inputs
+
+    def _empty_inputs(self) -> LlavaInputs:
+        """The inputs of an empty batch: ``(0, 0, C)`` embeddings, ``(0, 0)`` mask and positions, no samples."""
+        weight = self.model.get_input_embeddings().weight
+        empty = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+        return LlavaInputs(weight.new_zeros(0, 0, weight.shape[-1]), empty, empty.clone(), None, [], [])
 
     def _pad(self, merged_embeds, virtual_groups, merged_lengths, visual_tokens) -> LlavaInputs:
         bsz, lm, length = len(merged_embeds), max(merged_lengths), max(len(g) for g in virtual_groups)
@@ -637,14 +1000,31 @@ class DyMULlava:
             generate_kwargs: passed to ``model.generate``.
 
         Returns:
-            ``(answers, inputs)``; ``inputs.visual_tokens`` gives the visual token count per question.
+            ``(answers, inputs)``; ``inputs.visual_tokens`` gives the visual token count per question. No
+            questions (``generate([], [])``): ``([], inputs)`` with empty inputs, and the model does not run.
+
+        Raises:
+            TypeError: ``questions`` is one str rather than a list, a question is not a str, or a
+                :class:`Video` for LLaVA-1.5.
+            ValueError: questions and image lists differ in number; an empty question, or one with a lone
+                surrogate or with placeholders that do not match its inputs (see :meth:`prompt`); a prompt whose
+                positions plus ``max_new_tokens`` exceed the model's limit (see :meth:`build_inputs`), raised
+                before the LLM runs. In eval the runner records such a sample as failed and scores the rest.
         """
+        if isinstance(questions, str):
+            raise TypeError("questions must be a list of questions, one per sample; got a single str: wrap it, "
+                            "generate([question], [image]).")
         images = [[im] if isinstance(im, (Image.Image, str, os.PathLike, Video)) else list(im) for im in images]
         if len(images) != len(questions):
             raise ValueError(f"{len(questions)} questions but {len(images)} images (or image lists); give one per "
                              "question.")
+        for i, (question, imgs) in enumerate(zip(questions, images)):
+            self._check_question(question, imgs, index=i)
         prompts = [self.prompt(q, imgs) for q, imgs in zip(questions, images)]
-        inputs = self.build_inputs(prompts, images, budget=budget)
+        inputs = self.build_inputs(prompts, images, budget=budget,
+                                   max_new_tokens=max_new_tokens if max_new_tokens is not None else 0)
+        if not prompts:
+            return [], inputs
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         out = self.model.generate(**inputs.model_kwargs(), max_new_tokens=max_new_tokens, **generate_kwargs)

@@ -25,6 +25,7 @@ tokens flattened ``[base; crop1; crop2; ...]``, no unpadding, no newline tokens.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
@@ -57,8 +58,12 @@ def build_onevision_prompt(question: str, placeholders: int | Sequence[str] = 1,
         system: the system message.
 
     Raises:
+        TypeError: ``question`` is not a str.
         ValueError: empty question.
     """
+    if not isinstance(question, str):
+        raise TypeError(f"the question is {type(question).__name__} ({question!r:.60}), not a string; pass the text "
+                        "as a str.")
     if not question or not question.strip():
         raise ValueError("the question is empty; pass the text to ask about the image.")
     if isinstance(placeholders, int):
@@ -160,6 +165,9 @@ class DyMULlavaOnevision(DyMULlava):
         budget: default :class:`~llava.model.VisualBudget` (``threshold_scale`` only, see :meth:`merge_rule`).
     """
 
+    supports_video = True
+    placeholders = ("<image>", "<video>")
+
     def __init__(self, model, processor, vtu: bool = True, layout: str = "faithful", video_pooling: str = "merge",
                  vtu_cache: str = "merged", budget: VisualBudget | dict | None = None):
         if layout not in LAYOUTS:
@@ -172,8 +180,40 @@ class DyMULlavaOnevision(DyMULlava):
         self.host = model.model
 
     def prompt(self, question: str, inputs: Sequence[ImageLike | Video] = ("image",)) -> str:
-        """The Qwen2 chat prompt LLaVA-OneVision was trained with (``<video>`` for :class:`Video` inputs)."""
+        """The Qwen2 chat prompt LLaVA-OneVision was trained with (``<video>`` for :class:`Video` inputs).
+
+        Placeholders as in :meth:`DyMULlava.prompt <llava.model.DyMULlava.prompt>`, with ``<image>`` and
+        ``<video>``: a question without either gets one per input before it; a question with some must hold
+        exactly one per input, in input order (``<video>`` for each :class:`Video`), else it is refused.
+
+        Raises:
+            TypeError: ``question`` is not a str.
+            ValueError: an empty question, a lone surrogate in it, or placeholders in it that do not match
+                ``inputs`` one to one.
+        """
+        self._check_question(question, inputs)
         return build_onevision_prompt(question, ["<video>" if isinstance(x, Video) else "<image>" for x in inputs])
+
+    def _visual_positions_before_encoding(self, inputs: Sequence[ImageLike | Video]) -> tuple[int, bool]:
+        """As :meth:`DyMULlava._visual_positions_before_encoding`, for LLaVA-OneVision's virtual layout: exact for
+        videos (per frame the 27x27 patches, ``video_pooling="merge"``, or the 14x14 pooled positions,
+        ``"pool"``; then one newline) and for the images of a multi-image prompt (the base crop, plus its
+        newline in the faithful layout); a single image's AnyRes length depends on its size, so its base crop
+        is the lower bound until it is encoded."""
+        if not self.vtu or not inputs:
+            return super()._visual_positions_before_encoding(inputs)
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        per_frame = side * side if self.video_pooling == "merge" else math.ceil(side / 2) ** 2
+        total, exact = 0, True
+        for item in inputs:
+            if isinstance(item, Video):
+                total += item.num_frames * per_frame + 1
+            elif len(inputs) > 1:  # base crop only, as the unmodified model
+                total += side * side + (self.layout == "faithful")
+            else:
+                total, exact = total + side * side, False
+        return total, exact
 
     def preprocess(self, images: Sequence[ImageLike]):
         raise NotImplementedError("LLaVA-OneVision preprocesses per prompt (AnyRes); use encode_prompt_images.")
