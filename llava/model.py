@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -35,7 +35,7 @@ from dymu.vtu import VTUInputs
 from .conversation import build_prompt
 
 __all__ = ["DyMULlava", "Video", "VisualBudget", "EncodedImages", "LlavaInputs", "load_model", "expand_to_square",
-           "load_image"]
+           "load_image", "IMAGE_FORMATS", "IMAGE_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
 

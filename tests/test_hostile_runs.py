@@ -179,7 +179,7 @@ def test_malformed_records_are_refused_on_resume_before_any_work(case, tmp_path)
     (out / "predictions.jsonl").write_bytes(line + b"\n" + good + b"\n")
     before = (out / "predictions.jsonl").read_bytes()
     calls = []
-    with pytest.raises(ValueError, match=f"predictions.jsonl:1") as err:
+    with pytest.raises(ValueError, match="predictions.jsonl:1") as err:
         run_benchmark(answer_all(calls), SampleBenchmark(), out, limit=4, progress=False)
     assert message in str(err.value) and "fix or delete that line" in str(err.value)
     assert calls == [] and not (out / "metrics.json").exists()  # refused before any sample ran
