@@ -86,8 +86,8 @@ def output_cache(out):
 # maps, which reach transformers only through the modules below.
 HOST_INTERNALS = {
     "test_budget", "test_calibrate", "test_compat", "test_determinism", "test_dtome_clip", "test_dtome_siglip",
-    "test_float64", "test_kv_cache", "test_llava", "test_onevision", "test_thresholds_identity", "test_tiny_llava",
-    "test_vtu",
+    "test_float64", "test_hostile_prompts", "test_kv_cache", "test_llava", "test_onevision", "test_thresholds_identity",
+    "test_tiny_llava", "test_vtu",
 }
 
 
