@@ -15,7 +15,7 @@ from typing import Any
 
 from dymu.atomic import write_text_atomic  # the one implementation (dymu cannot import eval)
 
-__all__ = ["finite", "dumps", "read_json", "write_json_atomic", "write_text_atomic"]
+__all__ = ["finite", "dumps", "loads", "read_json", "write_json_atomic", "write_text_atomic"]
 
 
 def finite(value: Any) -> Any:
@@ -38,6 +38,15 @@ def _reject_constant(name: str):
     raise ValueError(f"non-standard JSON constant {name}")
 
 
+def loads(text: str) -> Any:
+    """``json.loads`` that refuses the non-standard constants ``NaN`` / ``Infinity``.
+
+    Raises:
+        ValueError: invalid or non-standard JSON (``json.JSONDecodeError`` is a ValueError).
+    """
+    return json.loads(text, parse_constant=_reject_constant)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Parse a JSON file strictly (``NaN`` / ``Infinity`` raise).
 
@@ -46,7 +55,7 @@ def read_json(path: str | os.PathLike) -> Any:
     """
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+        return loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); fix or delete it.") from err
 

@@ -14,7 +14,6 @@ an error after its records are written. Every JSON file is strict (no NaN / Infi
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .benchmarks.base import Benchmark, Sample
 from .fingerprint import check_fingerprint
-from .jsonio import dumps, write_json_atomic, write_text_atomic
+from .jsonio import dumps, loads, write_json_atomic, write_text_atomic
 from .lock import output_lock
 
 __all__ = ["run_benchmark", "read_predictions", "check_record", "check_predictions", "check_run_settings", "summarise",
@@ -68,7 +67,7 @@ def read_predictions(path: str | os.PathLike, *, repair: bool = True) -> list[di
             continue
         where = f"{path}:{i}"
         try:
-            record = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+            record = loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as err:
             if i == len(lines):
                 logger.warning("%s is incomplete (run interrupted while writing); it will be redone", where)
@@ -98,10 +97,6 @@ _RECORD_FIELDS = {
 }
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
 def check_record(record: Any, where: str = "record") -> None:
     """Raise unless ``record`` has the shape the runner writes (:func:`_record`), so scoring can read it.
 
@@ -124,7 +119,7 @@ def check_record(record: Any, where: str = "record") -> None:
         value = record[key]
         bad = isinstance(value, bool) or not isinstance(value, types)
         if not bad and isinstance(value, (int, float)) and key in ("visual_tokens", "seconds"):
-            bad = value < 0 or value != value  # negative (or NaN, which strict JSON cannot hold anyway)
+            bad = value < 0  # NaN cannot get here: loads() refuses it
         if not bad and key == "answers":
             bad = not all(isinstance(a, str) for a in value)
         if bad:

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -71,9 +71,6 @@ IMAGE_SUFFIXES: tuple[str, ...] = tuple(sorted(
 
 _OPENED_FORMATS = tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)  # MPO has no opener of its own: JPEG's reads it
 _TILE_SIDE = 1024  # px; conversion works on tiles of about this side, so its copies are small whatever the mode
-_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-                8: Image.Transpose.ROTATE_90}  # EXIF orientation tag -> the transposition that makes it upright
 
 
 def _open_regular_file(path: str | os.PathLike):
@@ -206,9 +203,12 @@ def _open_allowed_format(fp, name: object) -> Image.Image:
 
 def _upright_rgb(img: Image.Image, name: object) -> Image.Image:
     """:func:`_to_rgb` with the reduction :func:`load_image` documents, then the EXIF orientation applied."""
-    orientation = img.getexif().get(0x0112)
+    orientation = img.getexif().get(ExifTags.Base.Orientation)
     out = _to_rgb(img, name, max(1, -(-max(img.size) // MAX_IMAGE_SIDE)))  # ceil: longer side in (MAX/2, MAX]
-    return out.transpose(_ORIENTATION[orientation]) if orientation in _ORIENTATION else out
+    if orientation is None:
+        return out
+    out.getexif()[ExifTags.Base.Orientation] = orientation  # the tag of the source, on the reduced pixels
+    return ImageOps.exif_transpose(out)
 
 
 def load_image(image: ImageLike) -> Image.Image:
