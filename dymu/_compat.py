@@ -1,4 +1,4 @@
-"""Environment glue that must run before transformers is imported (torch-only imports here)."""
+"""Environment glue that must run before transformers is imported (torch-only imports here; nothing runs on import)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ def prepare_cpu_torchvision() -> bool:
     extension provides; with a CPU-only torch the extension does not load and importing torchvision (and so
     transformers' image classes, and open_clip) fails. Defining the two schemas is enough for importing;
     detection ops stay unusable. Does nothing when torch has CUDA, torchvision is not installed, or the
-    operators exist. Called by ``import dymu``; call it yourself before importing transformers or open_clip
-    in such an environment if they come first.
+    operators exist, and when called again. ``import dymu`` does not call it (``import dymu`` does not import
+    transformers either): call it explicitly, first, in a program that imports transformers' image classes or
+    open_clip in such an environment. DyMU's entry points do (``scripts/_bootstrap.py``, ``tests/conftest.py``,
+    ``llava/lmms_plugin.py``). It must run before torchvision is first imported; afterwards it is too late.
 
     Returns:
         True if the schemas were defined by this call.

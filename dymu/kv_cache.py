@@ -13,6 +13,10 @@ large as the unmodified model's. Both can be kept merged (``docs/dymu-method.md`
 
 Decode tokens are ordinary (groups of size 1) and are stored after the prompt, rotated, as in any cache.
 
+This module holds the kernels only: pure functions of tensors (and of :class:`VirtualPrompt`, a dataclass of
+tensors), importing nothing but torch. The transformers cache layer that keeps the rows and calls them is
+:class:`dymu.patch.cache.MergedKVLayer` (host glue).
+
 Shapes: B batch, H query heads, H_kv key/value heads, D head dim, L virtual prompt length, L_m merged prompt
 length, S decode tokens cached so far (current step included), T query tokens of the current step, G multi-member
 groups and P their virtual positions (padded over the batch).
@@ -24,11 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
 
 from .vtu import expand
 
-__all__ = ["VirtualPrompt", "MergedKVLayer", "virtual_logits", "decode_bias", "merged_decode_attention", "kv_cache_bytes"]
+__all__ = ["VirtualPrompt", "rotate_singletons", "virtual_logits", "decode_bias", "merged_decode_attention"]
 
 
 def _rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -45,7 +48,8 @@ def _rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class VirtualPrompt:
-    """The virtual layout of a cached prompt, shared by every :class:`MergedKVLayer` of one cache.
+    """The virtual layout of a cached prompt, shared by every layer of one merged cache
+    (:class:`dymu.patch.cache.MergedKVLayer`).
 
     Merged rows fall in three kinds: **singletons** (one virtual position: most rows at high token counts),
     **multi-member groups**, and padding. A singleton's key has one rotation, so the cache stores it rotated
@@ -120,6 +124,11 @@ class VirtualPrompt:
             multi_bias[i, : q.numel()] = 0.0
         return cls(group_index, mask, row_rope, row_bias, multi_rows, multi_index, multi_rope, multi_bias)
 
+    @property
+    def merged_length(self) -> int:
+        """``L_m``, the merged prompt rows a cache layer stores first."""
+        return self.row_bias.shape[1]
+
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> VirtualPrompt:
         """A copy with ``fn`` applied along the batch dimension of every field (beam search, batch selection)."""
         return VirtualPrompt(*(fn(t) for t in self.tensors()))
@@ -129,65 +138,18 @@ class VirtualPrompt:
         return tuple(getattr(self, f.name) for f in fields(self))
 
 
-class MergedKVLayer(DynamicLayer):
-    """One decoder layer's merged KV cache (a transformers ``DynamicLayer``).
-
-    ``keys`` / ``values`` are ``(B, H_kv, L_m + S, D)``: the first ``L_m`` rows are the merged prompt's keys
-    (singleton rows rotated at their position, multi-member rows **before RoPE**) and its values; the ``S`` rows after them belong to decode tokens, keys after RoPE, as in
-    an ordinary cache. ``get_seq_length()`` is ``L_m + S``, which is also the length of the 2-D attention mask
-    ``generate`` keeps for merged inputs.
+def rotate_singletons(keys: torch.Tensor, prompt: VirtualPrompt) -> torch.Tensor:
+    """The merged prompt keys as a merged cache stores them: each singleton row rotated at its one virtual
+    position, the other rows (multi-member groups, padding) left before RoPE (identity rotation).
 
     Args:
-        prompt: the virtual layout (shared between layers).
-        merged_length: ``L_m``.
+        keys: ``(B, H_kv, L_m, D)`` the prefill's merged keys, before RoPE.
+        prompt: their layout.
+
+    Returns:
+        ``(B, H_kv, L_m, D)`` in ``keys.dtype``.
     """
-
-    def __init__(self, prompt: VirtualPrompt, merged_length: int):
-        super().__init__()
-        self.prompt = prompt
-        self.merged_length = merged_length
-
-    @property
-    def has_prompt(self) -> bool:
-        """True once the prefill has stored the merged prompt."""
-        return self.is_initialized and self.keys.shape[-2] >= self.merged_length
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append K/V: the prefill's merged ``(B, H_kv, L_m, D)`` (keys before RoPE; singleton rows are rotated
-        here, at their one position, see :class:`VirtualPrompt`), then decode rows (rotated).
-
-        Raises:
-            ValueError: the first update is not ``L_m`` rows long.
-        """
-        if not self.has_prompt:
-            if key_states.shape[-2] != self.merged_length:
-                raise ValueError(f"MergedKVLayer expects the {self.merged_length} merged prompt rows first, "
-                                 f"got {key_states.shape[-2]}.")
-            key_states = _rotate(key_states, self.prompt.row_rope.to(key_states.dtype))  # singletons at their position
-        return super().update(key_states, value_states)
-
-    # batch / length edits keep the layout in step with the rows
-    def crop(self, tokens_to_remove: int) -> None:
-        """Drop decode rows from the end (``tokens_to_remove < 0``); the merged prompt cannot be cropped.
-
-        Raises:
-            ValueError: cropping would cut into the prompt.
-        """
-        if tokens_to_remove < 0 and self.is_initialized and self.keys.shape[-2] + tokens_to_remove < self.merged_length:
-            raise ValueError("cannot crop a merged VTU cache into its prompt; use vtu cache='expanded'.")
-        super().crop(tokens_to_remove)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self.prompt = self.prompt.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self.prompt = self.prompt.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self.prompt = self.prompt.map_batch(lambda t: t[indices])
+    return _rotate(keys, prompt.row_rope.to(keys.dtype))
 
 
 def virtual_logits(q: torch.Tensor, keys: torch.Tensor, index: torch.Tensor, rope: torch.Tensor,
@@ -255,7 +217,9 @@ def decode_bias(prompt: VirtualPrompt, tail_allowed: torch.Tensor) -> torch.Tens
 
 def merged_decode_attention(
     q: torch.Tensor,
-    layer: MergedKVLayer,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    prompt: VirtualPrompt,
     bias: torch.Tensor,
     scaling: float,
     method: str = "auto",
@@ -271,7 +235,10 @@ def merged_decode_attention(
 
     Args:
         q: ``(B, H, T, D)`` queries after RoPE.
-        layer: the cache layer, already updated with this step's rows.
+        keys: ``(B, H_kv, L_m + S, D)`` the cached keys, this step's included: the merged prompt's rows as
+            :func:`rotate_singletons` leaves them, then the decode rows (after RoPE).
+        values: ``(B, H_kv, L_m + S, D)`` the cached values (merged prompt rows, then decode rows).
+        prompt: the layout of the ``L_m`` prompt rows.
         bias: ``(B, T, L_m + S + P)`` from :func:`decode_bias`.
         scaling: logit scale.
         method: see :func:`virtual_logits`.
@@ -280,13 +247,14 @@ def merged_decode_attention(
         ``(B, T, H, D)`` in ``q.dtype``.
     """
     b, h, t, d = q.shape
-    lm, prompt = layer.merged_length, layer.prompt
-    h_kv, rows = layer.keys.shape[1], layer.keys.shape[2]
-    logits = (q.reshape(b, h_kv, -1, d) @ layer.keys.transpose(-1, -2)).float()  # (B, H_kv, rep*T, L_m + S)
+    lm = prompt.merged_length
+    h_kv, rows = keys.shape[1], keys.shape[2]
+    logits = (q.reshape(b, h_kv, -1, d) @ keys.transpose(-1, -2)).float()  # (B, H_kv, rep*T, L_m + S)
     n_multi = prompt.multi_index.shape[1]
     if n_multi:
-        keys = torch.stack([layer.keys[i, :, :lm].index_select(1, prompt.multi_rows[i]) for i in range(b)])
-        logits = torch.cat([logits, virtual_logits(q, keys, prompt.multi_index, prompt.multi_rope, method)], dim=-1)
+        grouped = torch.stack([keys[i, :, :lm].index_select(1, prompt.multi_rows[i]) for i in range(b)])
+        logits = torch.cat([logits, virtual_logits(q, grouped, prompt.multi_index, prompt.multi_rope, method)],
+                           dim=-1)
     logits = logits * scaling
     logits = (logits.view(b, h_kv, -1, t, logits.shape[-1]) + bias[:, None, None]).view_as(logits)
     probs = logits.softmax(-1)
@@ -296,25 +264,5 @@ def merged_decode_attention(
         weights = weights.clone()
         weights[..., :lm].scatter_add_(-1, target[:, None, None].expand(b, h_kv, probs.shape[2], n_multi),
                                        probs[..., rows:])
-    out = weights.to(layer.values.dtype) @ layer.values  # (B, H_kv, rep*T, D)
+    out = weights.to(values.dtype) @ values  # (B, H_kv, rep*T, D)
     return out.reshape(b, h, t, d).transpose(1, 2).to(q.dtype)
-
-
-def kv_cache_bytes(cache: Cache) -> int:
-    """Bytes held by a transformers cache: every layer's keys and values, plus (once) a merged cache's layout.
-
-    Args:
-        cache: a ``DynamicCache`` (plain or holding :class:`MergedKVLayer` s).
-
-    Returns:
-        Total bytes of the distinct tensors the cache keeps alive.
-    """
-    seen: dict[int, int] = {}
-    for layer in cache.layers:
-        tensors = [layer.keys, layer.values]
-        if isinstance(layer, MergedKVLayer):
-            tensors += list(layer.prompt.tensors())
-        for tensor in tensors:
-            if tensor is not None and tensor.numel():
-                seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-    return sum(seen.values())

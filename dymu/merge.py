@@ -48,6 +48,8 @@ __all__ = [
     "MergeRule",
     "ThresholdRule",
     "FixedRRule",
+    "BoundedRule",
+    "min_reachable_tokens",
     "constant_schedule",
 ]
 
@@ -313,11 +315,14 @@ def constant_schedule(total: int, num_layers: int) -> list[int]:
 class MergeRule(Protocol):
     """Decides, per encoder layer, which A-tokens merge.
 
-    Called as ``rule(layer, scores)`` with ``layer`` the 0-based encoder layer and ``scores`` the
-    ``(B, Na)`` output of :func:`bipartite_match`; returns a ``(B, Na)`` bool mask.
+    Called as ``rule(layer, scores, lengths)`` with ``layer`` the 0-based encoder layer, ``scores`` the
+    ``(B, Na)`` output of :func:`bipartite_match` and ``lengths`` the ``(B,)`` long count of real tokens each
+    image holds entering the merge (:attr:`TokenState.lengths`); returns a ``(B, Na)`` bool mask. A rule gets
+    everything it needs as arguments: none keeps state between calls, so one rule object serves any number
+    of forward passes (ToMe's patch keeps per-call counts on the module instead).
     """
 
-    def __call__(self, layer: int, scores: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, layer: int, scores: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 @dataclass
@@ -326,7 +331,7 @@ class ThresholdRule:
 
     thresholds: Sequence[float]
 
-    def __call__(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, scores: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         return select_above_threshold(scores, float(self.thresholds[layer]))
 
 
@@ -336,5 +341,75 @@ class FixedRRule:
 
     r: Sequence[int]
 
-    def __call__(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, scores: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         return select_top_r(scores, int(self.r[layer]))
+
+
+def min_reachable_tokens(num_tokens: int, num_layers: int, has_cls: bool) -> int:
+    """Fewest tokens an image of ``num_tokens`` can keep after ``num_layers`` merging layers (every A-token
+    merged at every layer). 2 for CLIP ViT-L/14-336 over 23 layers (CLS + one patch group)."""
+    n = int(num_tokens)
+    for _ in range(int(num_layers)):
+        n = n // 2 + 1 if has_cls else n // 2
+        n = max(n, 2 if has_cls else 1)
+    return min(n, int(num_tokens))
+
+
+@dataclass(frozen=True)
+class BoundedRule:
+    """Merge rule: ``base``'s choice per image, its edge count clamped so that every image ends within
+    ``[min_tokens, max_tokens]`` tokens at the last layer (see :mod:`dymu.budget` for the use).
+
+    At layer ``l`` an image holding ``n`` tokens (``lengths``) merges its ``k`` best edges, ``k`` = the base
+    rule's own count, raised to at least ``ceil((n - max_tokens) / R)`` (the excess spread evenly over the
+    ``R`` layers left, this one included, as ToMe spreads ``r``) and to what leaves a count the remaining
+    layers can still bring under ``max_tokens`` merging at full capacity, then lowered to keep ``n - k >=
+    min_tokens``. Where neither bound binds, ``k`` is the base rule's count and its top-``k`` edges are exactly
+    the base rule's (for a threshold rule: the edges above the threshold). A layer merges at most every
+    A-token (all but a CLS token): ``n -> floor(n / 2) + 1`` with a CLS token, ``floor(n / 2)`` without.
+
+    Stateless: the counts come in as ``lengths``, so one rule object serves any number of passes. Scores of
+    padding and CLS tokens are ``-inf`` and never selected.
+
+    Attributes:
+        base: the unbounded rule (scaled thresholds for DToMe, :class:`FixedRRule` for ToMe).
+        max_tokens: ``(B,)`` long, upper bound per image at the last layer (CLS included).
+        min_tokens: ``(B,)`` long, lower bound per image.
+        num_layers: layers the encoder runs (the last one is the feature layer).
+        has_cls: token 0 is a CLS token that never merges.
+
+    Raises (on call):
+        ValueError: ``lengths`` missing, or a batch of another size than the bounds.
+    """
+
+    base: MergeRule
+    max_tokens: torch.Tensor
+    min_tokens: torch.Tensor
+    num_layers: int
+    has_cls: bool
+
+    def _reachable_from(self, layers: int) -> torch.Tensor:
+        """``(B,)`` the largest count from which ``layers`` full-capacity layers reach ``max_tokens``."""
+        m, scale = self.max_tokens, 2 ** min(layers, 40)
+        return scale * (m - 1) + 1 if self.has_cls else scale * (m + 1) - 1
+
+    def __call__(self, layer: int, scores: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if lengths is None:
+            raise ValueError("BoundedRule needs each image's current token count: call rule(layer, scores, lengths) "
+                             "(the DToMe encoder passes TokenState.lengths).")
+        if scores.shape[0] != self.max_tokens.shape[0]:
+            raise ValueError(f"the budget was made for {self.max_tokens.shape[0]} images, the batch has "
+                             f"{scores.shape[0]}.")
+        n = lengths.to(device=self.max_tokens.device, dtype=torch.long)  # (B,)
+        finite = torch.isfinite(scores)
+        wanted = (self.base(layer, scores, lengths) & finite).sum(-1)  # (B,) the base rule's own count
+        left = self.num_layers - layer  # layers left, this one included
+        excess = (n - self.max_tokens).clamp_min(0)
+        need = torch.maximum(-torch.div(-excess, left, rounding_mode="floor"),  # ceil(excess / left)
+                             n - self._reachable_from(left - 1))
+        k = torch.maximum(wanted, need).minimum(n - self.min_tokens).clamp_min(0).minimum(finite.sum(-1))
+        # The k best edges per image. When k == wanted these are exactly the base rule's edges.
+        order = scores.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1], device=scores.device)
+                                                .expand_as(order))
+        return (rank < k[:, None].to(rank.device)) & finite

@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .merge import MergeRule
+from .patch import dtome_settings
 
 __all__ = ["MergeGroups", "merge_groups", "image_from_pixels", "draw_merge_map", "tile", "save_png"]
 
@@ -58,10 +59,10 @@ class _StopAfter:
     rule: MergeRule
     layer: int
 
-    def __call__(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, scores: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if layer > self.layer:
             return torch.zeros_like(scores, dtype=torch.bool)
-        return self.rule(layer, scores)
+        return self.rule(layer, scores, lengths)
 
 
 def _raster_labels(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -90,12 +91,10 @@ def merge_groups(vision_model: torch.nn.Module, pixel_values: torch.Tensor, laye
         :class:`MergeGroups`.
 
     Raises:
-        ValueError: the model is not patched, the patch grid is not square, or ``layer`` is out of range.
+        ValueError: the model is not a vision tower patched with :func:`dymu.apply_dtome` (see
+            :func:`dymu.dtome_settings`), the patch grid is not square, or ``layer`` is out of range.
     """
-    settings = getattr(vision_model, "_dymu", None)
-    if settings is None or not hasattr(vision_model, "dtome_forward"):
-        raise ValueError("merge_groups needs a vision tower patched with dymu.apply_dtome (pass the tower, e.g. "
-                         "pipe.tower, not the whole LLaVA model).")
+    settings = dtome_settings(vision_model)  # ValueError unless a DToMe-patched tower (not the whole LLaVA model)
     n_run = settings.num_layers
     layer = n_run - 1 if layer is None else int(layer)
     if layer < 0:

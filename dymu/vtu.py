@@ -37,9 +37,10 @@ class VTUInputs:
             ``"exact"`` (the RoPE decomposition reference, slow; for tests).
         cache: KV cache layout for generation. ``"merged"`` (default): ``L_m`` merged rows per layer, keys
             before RoPE, rotated at the virtual positions when read, values aggregated per group
-            (:mod:`dymu.kv_cache`); ``"expanded"``: the ``L`` expanded, rotated rows, so decode steps run the
-            host's attention unchanged (as large as the unmodified model's cache). Decoders with
-            sliding-window layers always use ``"expanded"``.
+            (kernels: :mod:`dymu.kv_cache`; cache layer: :class:`dymu.patch.cache.MergedKVLayer`);
+            ``"expanded"``: the ``L`` expanded, rotated rows, so decode steps run the host's attention unchanged
+            (as large as the unmodified model's cache). Decoders with sliding-window layers always use
+            ``"expanded"``.
     """
 
     group_index: torch.Tensor

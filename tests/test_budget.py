@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 import dymu
 import llava
 from conftest import REPO, SAMPLE_IMAGES, uniform_thresholds
-from dymu.budget import TokenBudget, min_reachable_tokens
+from dymu.merge import BoundedRule, min_reachable_tokens
+from dymu.patch import vision_token_count
 from test_scripts import run_script
 
 IMAGES = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:6]
@@ -33,15 +34,17 @@ def plain(pipe, pixels):
 
 
 def geometry(pipe):
-    n0, has_cls = dymu.vision_token_count(pipe.tower)
-    return dict(num_tokens=n0, num_layers=pipe.tower._dymu.num_layers, has_cls=has_cls)
+    n0, has_cls = vision_token_count(pipe.tower)
+    return dict(num_tokens=n0, num_layers=dymu.dtome_settings(pipe.tower).num_layers, has_cls=has_cls)
 
 
 def test_bounded_rule_that_never_binds_is_plain_dtome(pipe, pixels):
-    """BudgetRule with bounds that never bind merges exactly the edges above the thresholds."""
+    """BoundedRule with bounds that never bind merges exactly the edges above the thresholds."""
     geo = geometry(pipe)
-    rule = TokenBudget(max_tokens=geo["num_tokens"], min_tokens=0).rule(
-        pipe.tower._dymu.rule, batch_size=pixels.shape[0], **geo)
+    batch = pixels.shape[0]
+    rule = BoundedRule(dymu.dtome_settings(pipe.tower).rule, max_tokens=torch.full((batch,), geo["num_tokens"]),
+                       min_tokens=torch.zeros(batch, dtype=torch.long), num_layers=geo["num_layers"],
+                       has_cls=geo["has_cls"])
     with torch.no_grad():
         ref = pipe.tower(pixels)
         out = pipe.tower(pixels, merge_rule=rule)
@@ -85,7 +88,7 @@ def test_threshold_scale_moves_token_counts_monotonically(pipe, pixels, plain):
     assert all(a <= b <= c for a, b, c in zip(fewer, plain.num_tokens, more))
     assert sum(fewer) < sum(plain.num_tokens) < sum(more)
     # calibrated thresholds are >= 0, so a scale past 1 / min(tau) merges nothing at all
-    taus = [t for t in pipe.tower._dymu.rule.thresholds if t > 0]
+    taus = [t for t in dymu.dtome_settings(pipe.tower).rule.thresholds if t > 0]
     assert pipe.encode_images(pixels, budget={"threshold_scale": 1.01 / min(taus)}).num_tokens == [576] * len(IMAGES)
 
 

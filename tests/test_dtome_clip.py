@@ -7,7 +7,9 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 import dymu
 from conftest import assert_batch_equals_singles
-from dymu import Thresholds, ThresholdsError, encoder_fingerprint
+from dymu import Thresholds, ThresholdsError
+from dymu.patch.vit import DToMeVisionOutput
+from dymu.thresholds import encoder_fingerprint
 
 IMAGE, PATCH, LAYERS = 32, 4, 4
 N0 = (IMAGE // PATCH) ** 2 + 1  # 65, CLS included
@@ -82,7 +84,7 @@ def test_no_merge_thresholds_reproduce_unpatched(attn, feature_layer):
         n_run = LAYERS + 1 + feature_layer
         dymu.apply_dtome(model, _thresholds(model, [1.0] * n_run, feature_layer), feature_layer=feature_layer)
         out = model(pixels, output_hidden_states=True)
-    assert isinstance(out, dymu.DToMeVisionOutput)
+    assert isinstance(out, DToMeVisionOutput)
     assert out.last_hidden_state.shape == (4, N0, 32)
     assert out.padding_mask is None
     assert torch.equal(out.token_sizes, torch.ones(4, N0))

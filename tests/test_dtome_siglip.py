@@ -5,6 +5,7 @@ import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 import dymu
+from dymu.patch import vision_token_count
 from dymu.patch.vit import _attention_pool
 
 pytestmark = pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -31,7 +32,7 @@ def test_nothing_merged_reproduces_unpatched(attn, feature_layer):
         ref = model(x, output_hidden_states=True)
         dymu.apply_dtome(model, dymu.ThresholdRule([1.0] * 3), feature_layer=feature_layer)
         out = model(x)
-    assert dymu.vision_token_count(model) == (36, False)
+    assert vision_token_count(model) == (36, False)
     torch.testing.assert_close(out.last_hidden_state, ref.hidden_states[feature_layer], atol=1e-5, rtol=0)
     if feature_layer == -1:
         torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=1e-5, rtol=0)

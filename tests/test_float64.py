@@ -7,6 +7,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 import dymu
 from conftest import assert_batch_equals_singles
 from dymu.merge import TokenState, attention_bias, merge_tokens
+from dymu.thresholds import encoder_fingerprint
 
 IMAGE, PATCH, LAYERS = 32, 4, 4
 N0 = (IMAGE // PATCH) ** 2 + 1  # 65, CLS included
@@ -33,7 +34,7 @@ def _two_images() -> torch.Tensor:
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_float64_clip_with_padding_runs_and_batch_equals_single(attn):
     model = _clip64(attn)
-    thresholds = dymu.Thresholds(values=[0.9, 0.8, 0.7, 0.6], encoder=dymu.encoder_fingerprint(model.config),
+    thresholds = dymu.Thresholds(values=[0.9, 0.8, 0.7, 0.6], encoder=encoder_fingerprint(model.config),
                                  num_layers=LAYERS, feature_layer=-1)
     dymu.apply_dtome(model, thresholds)
     pixels = _two_images()

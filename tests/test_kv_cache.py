@@ -5,7 +5,8 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from dymu.kv_cache import MergedKVLayer, VirtualPrompt, decode_bias, merged_decode_attention, virtual_logits
+from dymu.kv_cache import VirtualPrompt, decode_bias, virtual_logits
+from dymu.patch.cache import MergedKVLayer, layer_decode_attention
 
 
 def _layout(b=2, lm=7, length=15, d=16, seed=0, singletons=0):
@@ -59,7 +60,7 @@ def test_merged_decode_attention_equals_attention_over_the_expanded_cache(single
     layer.update(tail_k, tail_v)
     q = torch.randn(b, heads, t, d, generator=g, dtype=torch.float64)
     tail_allowed = torch.ones(t, t, dtype=torch.bool).tril()[None].expand(b, t, t)
-    out = merged_decode_attention(q, layer, decode_bias(prompt, tail_allowed), scaling=0.25)
+    out = layer_decode_attention(q, layer, decode_bias(prompt, tail_allowed), scaling=0.25)
 
     # reference: the expanded cache (every virtual position rotated there), masked softmax, eager arithmetic
     values = layer.values[:, :, :lm]

@@ -18,6 +18,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 import dymu
 from conftest import assert_batch_equals_singles
 from dymu.merge import TokenState, attention_bias, bipartite_match, merge_tokens, select_above_threshold
+from dymu.thresholds import encoder_fingerprint
 
 PROFILE = dict(deadline=None, derandomize=True, database=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -456,7 +457,7 @@ def test_patched_clip_bookkeeping_and_batch_independence(kinds, feature_layer, a
     unmerged at index 0, and every image alone gives the same groups and features as in the batch."""
     model = _clip(attn)
     n_run = LAYERS + 1 + feature_layer
-    thresholds = dymu.Thresholds(values=values[:n_run], encoder=dymu.encoder_fingerprint(model.config),
+    thresholds = dymu.Thresholds(values=values[:n_run], encoder=encoder_fingerprint(model.config),
                                  num_layers=LAYERS, feature_layer=feature_layer)
     pixels = _pixels(torch.Generator().manual_seed(seed), kinds)
     dymu.apply_dtome(model, thresholds, feature_layer=feature_layer)

@@ -6,7 +6,9 @@ Run in an environment with ``pip install -e ".[dev,openclip]"`` (CI does, in a s
 import pytest
 import torch
 
-import dymu  # first: on CPU-only torch it lets torchvision (needed by open_clip) import
+import dymu  # conftest.py calls dymu.prepare_cpu_torchvision() first, so torchvision (needed by open_clip) imports
+from dymu.patch import encoder_spec
+from dymu.thresholds import EncoderSpec
 
 open_clip = pytest.importorskip("open_clip")
 from open_clip.transformer import VisionTransformer  # noqa: E402
@@ -40,8 +42,8 @@ def test_nothing_merged_reproduces_unpatched_features(pool_type, final_ln):
 
 def test_spec_and_thresholds_validation():
     visual = tower()
-    spec = dymu.encoder_spec(visual)
-    assert spec == dymu.EncoderSpec("open_clip_vit-h64-l3-p14-s56", 3, 17, True)
+    spec = encoder_spec(visual)
+    assert spec == EncoderSpec("open_clip_vit-h64-l3-p14-s56", 3, 17, True)
     other = dymu.Thresholds(values=[0.5] * 3, encoder="clip_vision_model-h64-l3-p14-s56", num_layers=3, feature_layer=-1)
     with pytest.raises(dymu.ThresholdsError, match="calibrated for encoder"):
         dymu.apply_dtome(visual, other)
@@ -108,7 +110,7 @@ def test_timm_nothing_merged_reproduces_unpatched(global_pool, class_token):
         ref = trunk(x)
         dymu.apply_dtome(trunk, dymu.ThresholdRule([1.0] * 3))
         torch.testing.assert_close(trunk(x), ref, atol=1e-5, rtol=0)
-        assert dymu.encoder_spec(trunk).has_cls == class_token
+        assert encoder_spec(trunk).has_cls == class_token
         dymu.remove(trunk)
         torch.testing.assert_close(trunk(x), ref, atol=0, rtol=0)
 
@@ -135,7 +137,7 @@ def test_open_clip_siglip_zero_shot_on_merged_tokens():
         reference = model.encode_image(images)
         dymu.apply_dtome(model, dymu.ThresholdRule([1.0] * 12))  # finds the timm trunk inside TimmModel
         torch.testing.assert_close(model.encode_image(images), reference, atol=1e-4, rtol=1e-4)
-        assert dymu.encoder_spec(model.visual.trunk) == dymu.EncoderSpec("timm_vit-h768-l12-p16-s224", 12, 196, False)
+        assert encoder_spec(model.visual.trunk) == EncoderSpec("timm_vit-h768-l12-p16-s224", 12, 196, False)
         dymu.remove(model)
         dymu.apply_dtome(model, dymu.ThresholdRule([0.99] * 12))
         merged = model.encode_image(images)
@@ -150,5 +152,5 @@ def test_openai_vit_l_14_336_architecture():
     with torch.no_grad():
         reference = model.encode_image(images)
         dymu.apply_dtome(model, dymu.ThresholdRule([1.0] * 24))
-        assert dymu.encoder_spec(model.visual) == dymu.EncoderSpec("open_clip_vit-h1024-l24-p14-s336", 24, 577, True)
+        assert encoder_spec(model.visual) == EncoderSpec("open_clip_vit-h1024-l24-p14-s336", 24, 577, True)
         torch.testing.assert_close(model.encode_image(images), reference, atol=1e-4, rtol=1e-4)

@@ -11,7 +11,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 import dymu
 from dymu.merge import bipartite_match
-from dymu.thresholds import BatchBudgetRule, Thresholds, ThresholdsError
+from dymu.calibration import BatchBudgetRule
+from dymu.thresholds import Thresholds, ThresholdsError, encoder_fingerprint
 
 
 def tiny_clip(layers: int = 4) -> CLIPVisionModel:
@@ -34,7 +35,7 @@ def batches(n_batches: int = 6, batch_size: int = 4, seed: int = 1) -> list[torc
 
 def example(values=(0.9, 0.8)) -> Thresholds:
     cfg = tiny_clip(2).config
-    return Thresholds(values=list(values), encoder=dymu.encoder_fingerprint(cfg), num_layers=2, feature_layer=-1,
+    return Thresholds(values=list(values), encoder=encoder_fingerprint(cfg), num_layers=2, feature_layer=-1,
                       schedule=[5, 5], target_tokens=55, num_images=8, dtype="float32",
                       realised_tokens={"mean": 50.0, "std": 3.0, "num_images": 8}, source="test", extra={"seed": 0})
 
@@ -76,7 +77,7 @@ def test_check_against_the_model():
     cfg = tiny_clip(2).config
     example().check(cfg, layers_run=2)
     three = tiny_clip(3).config
-    too_few = Thresholds(values=[0.5, 0.5], encoder=dymu.encoder_fingerprint(three), num_layers=3, feature_layer=-1)
+    too_few = Thresholds(values=[0.5, 0.5], encoder=encoder_fingerprint(three), num_layers=3, feature_layer=-1)
     with pytest.raises(ThresholdsError, match="DToMe runs 3"):
         too_few.check(three, layers_run=3)
     other = CLIPVisionConfig(image_size=224, patch_size=14, hidden_size=32, intermediate_size=64,
@@ -102,9 +103,9 @@ class RecordingRule(BatchBudgetRule):
         super().__init__(schedule)
         self.seen = []
 
-    def __call__(self, layer, scores):
+    def __call__(self, layer, scores, lengths=None):
         before = self.sums[layer].clone()
-        selected = super().__call__(layer, scores)
+        selected = super().__call__(layer, scores, lengths)
         self.seen.append((layer, scores.clone(), selected.clone(), (self.sums[layer] - before).item()))
         return selected
 
@@ -164,7 +165,7 @@ def test_find_thresholds_on_a_tower_patched_for_another_feature_layer_says_so():
 def _calibrate_rank(rank: int, world: int, init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        shard = batches(5)[rank::world]  # whole batches per rank, as llava.calibrate shards them
+        shard = batches(5)[rank::world]  # whole batches per rank, as eval.calibrate shards them
         result = dymu.find_thresholds(tiny_clip(3), shard, schedule=[6, 4, 2], progress=False,
                                       realised_batches=batches(2)[rank::world])
         if rank == 0:

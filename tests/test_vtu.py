@@ -283,7 +283,7 @@ def test_merged_cache_generates_like_expanded_cache_for_20_steps(attn):
     with torch.no_grad():
         expanded = _greedy(model, **kwargs, vtu=lay.vtu(cache="expanded"))
         merged = _greedy(model, **kwargs, vtu=lay.vtu(cache="merged"))
-    from dymu.kv_cache import MergedKVLayer
+    from dymu.patch.cache import MergedKVLayer
 
     assert lay.vtu().counts.max() > 1
     assert isinstance(output_cache(merged).layers[0], MergedKVLayer)
@@ -298,7 +298,7 @@ def test_merged_cache_holds_merged_rows_only(attn):
     """After prefill each layer keeps L_m rows, the expanded cache L: bytes scale with the merged length."""
     from transformers import DynamicCache
 
-    from dymu.kv_cache import MergedKVLayer, kv_cache_bytes
+    from dymu.patch.cache import MergedKVLayer, kv_cache_bytes
 
     model = dymu.apply_vtu(_model(attn, seed=12))
     lay = _layout(MERGED, seed=12)
@@ -330,7 +330,7 @@ def test_given_cache_is_the_one_decode_steps_fill_and_read(attn, keyword):
     of a prompt-less step), the given cache would not grow, and zeroing its values would change nothing."""
     from transformers import DynamicCache
 
-    from dymu.kv_cache import MergedKVLayer
+    from dymu.patch.cache import MergedKVLayer
 
     model = dymu.apply_vtu(_model(attn, seed=15))
     lay = _layout(MERGED, seed=15)
@@ -381,7 +381,7 @@ def test_generate_fills_the_cache_it_was_given(attn):
     from transformers import DynamicCache
     from transformers.models.llama.modeling_llama import LlamaModel
 
-    from dymu.kv_cache import MergedKVLayer
+    from dymu.patch.cache import MergedKVLayer
     from dymu.patch._host import cache_keyword
 
     model = dymu.apply_vtu(_model(attn, seed=17))

@@ -17,7 +17,7 @@ from . import vit as _vit
 from ._host import TESTED_TRANSFORMERS, cache_keyword, check_transformers_version
 from ._swap import is_patched, restore, swap_class
 
-__all__ = ["TESTED_TRANSFORMERS", "cache_keyword", "check_transformers_version", "is_patched", "encoder_spec", "vision_token_count", "apply_dtome", "apply_vtu", "remove", "layers_to_run", "find_vision_tower", "find_decoder"]
+__all__ = ["TESTED_TRANSFORMERS", "cache_keyword", "check_transformers_version", "is_patched", "encoder_spec", "vision_token_count", "apply_dtome", "apply_vtu", "remove", "dtome_settings", "layers_to_run", "find_vision_tower", "find_decoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,40 @@ def vision_token_count(vision_model: nn.Module) -> tuple[int, bool]:
     """
     spec = encoder_spec(vision_model)
     return spec.num_tokens, spec.has_cls
+
+
+def dtome_settings(tower: nn.Module) -> _vit.DToMeSettings:
+    """The settings :func:`apply_dtome` gave a vision tower: how it merges and how many layers it runs.
+
+    The one public way to read them (the patch keeps them on the tower); read them, do not change them: call
+    :func:`apply_dtome` again to re-configure. Fields of the returned :class:`~dymu.patch.vit.DToMeSettings`:
+
+    - ``rule``: the merge rule every forward pass uses unless given ``merge_rule``, called as
+      ``rule(layer, scores, lengths) -> mask`` (:class:`~dymu.merge.MergeRule`): a :class:`~dymu.merge.ThresholdRule`
+      over the first ``num_layers`` thresholds when patched with :class:`~dymu.Thresholds`, a
+      :class:`~dymu.merge.FixedRRule` for ``tome_r``, or the rule object that was passed.
+    - ``num_layers``: encoder layers the tower runs (:func:`layers_to_run` of the feature layer); the last one is
+      the feature layer, later layers are skipped.
+    - ``protect_first``: token 0 is a CLS token that never merges (CLIP, open_clip, timm with one prefix token);
+      False for towers without one (SigLIP).
+
+    Args:
+        tower: the patched vision tower itself (what :func:`find_vision_tower` returns, e.g. a LLaVA model's
+            ``model.model.vision_tower``), not a model holding it.
+
+    Raises:
+        ValueError: ``tower`` is not a vision tower patched with :func:`apply_dtome` (never patched, patch
+            removed, a model holding the tower, the tower's encoder, a VTU-patched decoder); the message names its
+            class.
+    """
+    settings = getattr(tower, "_dymu", None)
+    if not isinstance(settings, _vit.DToMeSettings) or not hasattr(tower, "dtome_forward"):
+        raise ValueError(
+            f"{type(tower).__name__} is not a vision tower patched with dymu.apply_dtome, so it has no DToMe "
+            "settings; pass the patched tower itself (dymu.patch.find_vision_tower(model), e.g. pipe.tower), not "
+            "the model holding it."
+        )
+    return settings
 
 
 def _open_clip_host(module: nn.Module) -> bool:
@@ -131,7 +165,7 @@ def apply_dtome(
             (``LlavaForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``).
         thresholds: per-layer thresholds (:class:`~dymu.Thresholds`, validated against the encoder; a
             weights identity that differs from the tower's is logged as a WARNING, see
-            :meth:`~dymu.Thresholds.check_weights`), or any merge rule callable ``rule(layer, scores) -> mask``.
+            :meth:`~dymu.Thresholds.check_weights`), or any merge rule callable ``rule(layer, scores, lengths) -> mask`` (:class:`~dymu.merge.MergeRule`).
         tome_r: instead of thresholds, the fixed-r ToMe baseline with per-layer budgets ``r_l``.
         feature_layer: hidden-state index that feeds the LLM; layers after it are not run. Default: the
             LLaVA config's ``vision_feature_layer`` if ``model`` is a LLaVA model, else -1.

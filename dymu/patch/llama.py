@@ -6,10 +6,12 @@ Both share the same forward structure; Qwen2 adds q/k/v biases (inside the proje
 Three mixins, swapped in place by :func:`dymu.apply_vtu` (no parameters added, :func:`dymu.remove`
 restores the host classes):
 
-- :class:`VTUAttentionMixin` on every attention module: Q/K/V on merged tokens, expanded to virtual
-  positions, RoPE at virtual positions, the host's attention kernel, re-merge by group mean.
-- :class:`VTUDecoderMixin` on the decoder stack: virtual-length causal mask and RoPE tables for the
-  prefill; virtual-length padding mask for decode steps.
+- :class:`VTUAttentionMixin` on every attention module, one method per path: the prefill (Q/K/V on merged
+  tokens, expanded to virtual positions, RoPE at virtual positions, the host's attention kernel, re-merge by
+  group mean), decode over a merged cache (the kernels of :mod:`dymu.kv_cache`, the cache layer of
+  :mod:`dymu.patch.cache`), decode over an expanded cache (the host's forward).
+- :class:`VTUDecoderMixin` on the decoder stack, the same three paths: virtual-length causal mask and RoPE
+  tables for the prefill; the merged cache's additive mask, or a virtual-length padding mask, for decode steps.
 - :class:`VTURootMixin` on the model ``generate`` is called on, so that ``vtu=`` is a declared
   forward argument (``generate`` rejects undeclared ones) and reaches every step.
 
@@ -28,9 +30,10 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..kv_cache import MergedKVLayer, VirtualPrompt, decode_bias, merged_decode_attention
+from ..kv_cache import VirtualPrompt, decode_bias
 from ..vtu import VTUInputs, exact_attention, expand, remerge
 from ._host import cache_keyword, one_cache, output_cache_field
+from .cache import MergedKVLayer, layer_decode_attention, merged_layer
 
 __all__ = ["VTUAttentionMixin", "VTUDecoderMixin", "VTURootMixin"]
 
@@ -41,23 +44,24 @@ _WARNED: set[str] = set()  # fallbacks already reported
 class VTUAttentionMixin:
     """RoPE self-attention with virtual token unmerging.
 
-    Modifications (vs ``LlamaAttention.forward``), only when ``vtu`` is given (prefill):
-        - ``hidden_states`` are the ``L_m`` merged tokens; Q/K/V projections run on them;
-        - Q/K/V are expanded to the ``L`` virtual positions (``index`` gather) and RoPE is applied with
-          ``position_embeddings`` at the virtual positions;
-        - the KV cache stores either the merged K (before RoPE) and V (``vtu.cache == "merged"``: the decoder
-          put :class:`~dymu.kv_cache.MergedKVLayer` s in the cache) or the expanded, rotated K and V
-          (length ``L``, ``"expanded"``);
-        - causal attention over the virtual sequence through ``ALL_ATTENTION_FUNCTIONS`` (or the exact
-          decomposition when ``vtu.mode == "exact"``);
-        - outputs are averaged per group back to ``L_m`` tokens before ``o_proj``.
-    Decode steps over a merged cache (``vtu`` given, the layer's cache already holds the prompt) run
-    :func:`~dymu.kv_cache.merged_decode_attention` with the additive mask the decoder built.
-    Without ``vtu`` (decode steps over an expanded cache, or plain use) the host forward runs unchanged.
+    :meth:`forward` keeps the host's signature (the decoder layer passes ``attention_mask=``) and hands over to
+    one of three paths; what the mask holds differs between them, so each path names it for what it is:
+
+    - :meth:`_prefill` (``vtu`` given, no merged prompt cached yet): ``virtual_causal_mask``, the host's causal
+      and padding mask over the ``L`` virtual positions;
+    - :meth:`_decode_merged` (``vtu`` given, this layer's :class:`~dymu.patch.cache.MergedKVLayer` holds the
+      prompt): ``merged_bias``, the ``(B, T, L_m + S + P)`` additive mask of :func:`~dymu.kv_cache.decode_bias`;
+    - :meth:`_decode_expanded` (no ``vtu``: decode steps over an expanded cache, and any call without VTU):
+      ``host_mask``, the host decoder's own mask, passed through.
+
     The KV cache may come as ``cache=`` (the host's name from transformers 5.24) or ``past_key_values=`` (before);
     it is passed on under the host's keyword, and two different caches raise ``ValueError``.
     Set by :func:`dymu.apply_vtu`: ``_dymu_rope`` (the host module's ``apply_rotary_pos_emb``) and
     ``_dymu_eager`` (its ``eager_attention_forward``).
+
+    Shapes: B batch, H query heads, H_kv key/value heads, D head dim, C hidden size, L virtual prompt length,
+    L_m merged prompt length, S decode tokens cached (current step included), T tokens of a decode step, P
+    virtual positions of multi-member groups (:mod:`dymu.kv_cache`).
     """
 
     _dymu_rope: Callable
@@ -73,27 +77,53 @@ class VTUAttentionMixin:
         past_key_values=None,
         **kwargs,
     ):
-        past_key_values = one_cache(cache, past_key_values, type(self).__name__)
+        cache = one_cache(cache, past_key_values, type(self).__name__)
         if vtu is None:
-            kwargs[cache_keyword(super().forward)] = past_key_values
-            return super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
-        bsz, lm, _ = hidden_states.shape
+            return self._decode_expanded(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+        layer = merged_layer(cache, self.layer_idx)
+        if layer is not None and layer.has_prompt:
+            return self._decode_merged(hidden_states, position_embeddings, attention_mask, cache, layer)
+        return self._prefill(hidden_states, position_embeddings, attention_mask, cache, layer, vtu, **kwargs)
+
+    def _prefill(self, hidden_states, position_embeddings, virtual_causal_mask, cache, layer: MergedKVLayer | None,
+                 vtu: VTUInputs, **kwargs):
+        """Prefill: per-token work on the ``L_m`` merged tokens, attention over the ``L`` virtual ones.
+
+        Modifications (vs ``LlamaAttention.forward`` / ``Qwen2Attention.forward``):
+            - ``hidden_states`` are the ``L_m`` merged tokens; the Q/K/V projections run on them;
+            - Q/K/V are expanded to the ``L`` virtual positions (``vtu.group_index``) and RoPE is applied there;
+            - the cache stores the merged K (before RoPE) and V when ``layer`` is a merged cache layer
+              (``vtu.cache == "merged"``), else the expanded, rotated K and V (``L`` rows, as the host would);
+            - causal attention over the virtual sequence through ``ALL_ATTENTION_FUNCTIONS`` (or
+              :func:`~dymu.vtu.exact_attention` when ``vtu.mode == "exact"``);
+            - outputs are averaged per group back to ``L_m`` tokens (:func:`~dymu.vtu.remerge`) before ``o_proj``;
+              no attention weights are returned.
+
+        Args:
+            hidden_states: ``(B, L_m, C)``.
+            position_embeddings: the host's ``(cos, sin)``, each ``(B, L, D)``, at the virtual positions.
+            virtual_causal_mask: the causal and padding mask over the ``L`` virtual positions, as the host's
+                ``create_causal_mask`` (or ``create_sliding_window_causal_mask``) builds it for the configured
+                attention implementation: e.g. ``(B, 1, L, L)`` additive for eager, ``None`` where the kernel
+                masks causally by itself. The exact mode builds its own from ``vtu``.
+            cache: ``None``, an empty host cache, or a cache of merged layers.
+            layer: this layer's merged cache layer (not holding the prompt yet), or ``None``.
+            vtu: the virtual layout.
+            **kwargs: passed on to the attention kernel.
+
+        Returns:
+            ``(out, None)``, ``out`` ``(B, L_m, C)``.
+        """
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)  # (B, L_m, C*)
-        cos, sin = position_embeddings  # (B, L, D) at virtual positions (decode: at the new positions)
-        merged_cache = _merged_layer(past_key_values, self.layer_idx)
-        if merged_cache is not None and merged_cache.has_prompt:  # decode step over a merged cache
-            q, k = self._dymu_rope(_heads(q, self.head_dim), _heads(k, self.head_dim), cos, sin)
-            past_key_values.update(k, _heads(v, self.head_dim), self.layer_idx)
-            out = merged_decode_attention(q, merged_cache, attention_mask, self.scaling)
-            return self.o_proj(out.reshape(bsz, lm, -1)), None
+        cos, sin = position_embeddings
         q_virtual, k_virtual = self._dymu_rope(_heads(expand(q, vtu.group_index), self.head_dim),
                                                _heads(expand(k, vtu.group_index), self.head_dim), cos, sin)
         v_virtual = _heads(expand(v, vtu.group_index), self.head_dim)  # (B, H_kv, L, D)
         q, k, v = _heads(q, self.head_dim), _heads(k, self.head_dim), _heads(v, self.head_dim)  # (B, H*, L_m, D)
-        if merged_cache is not None:
-            past_key_values.update(k, v, self.layer_idx)  # merged rows, keys before RoPE
-        elif past_key_values is not None:
-            k_virtual, v_virtual = past_key_values.update(k_virtual, v_virtual, self.layer_idx)
+        if layer is not None:
+            cache.update(k, v, self.layer_idx)  # merged rows, keys before RoPE
+        elif cache is not None:
+            k_virtual, v_virtual = cache.update(k_virtual, v_virtual, self.layer_idx)
         if vtu.mode == "exact":
             out = exact_attention(q, k, v, cos, sin, vtu, self.scaling)
         else:
@@ -105,44 +135,96 @@ class VTUAttentionMixin:
                 q_virtual,
                 k_virtual,
                 v_virtual,
-                attention_mask,
+                virtual_causal_mask,
                 dropout=0.0 if not self.training else self.attention_dropout,
                 scaling=self.scaling,
                 **kwargs,
             )  # (B, L, H, D)
-        out = remerge(out.reshape(bsz, vtu.virtual_length, -1), vtu)  # (B, L_m, C)
-        return self.o_proj(out), None
+        return self.o_proj(remerge(_merge_heads(out), vtu)), None  # (B, L_m, C)
+
+    def _decode_merged(self, hidden_states, position_embeddings, merged_bias, cache, layer: MergedKVLayer):
+        """Decode step of ``T`` new tokens over a merged cache that holds the prompt.
+
+        Modifications (vs ``LlamaAttention.forward`` / ``Qwen2Attention.forward``):
+            - the attention kernel is :func:`~dymu.kv_cache.merged_decode_attention` (through
+              :func:`~dymu.patch.cache.layer_decode_attention`), not ``ALL_ATTENTION_FUNCTIONS``: the keys of
+              multi-member groups are read at their members' virtual positions and the probabilities summed per
+              group before the one matmul with the merged values (exact);
+            - the mask is ``merged_bias``, not a host mask; no attention weights are returned.
+        Projections, RoPE at the new tokens' positions and the cache append are the host's.
+
+        Args:
+            hidden_states: ``(B, T, C)`` the new tokens.
+            position_embeddings: ``(cos, sin)``, each ``(B, T, D)``, at the new tokens' virtual positions.
+            merged_bias: ``(B, T, L_m + S + P)`` float32 additive mask over the cached rows (the prompt's stored
+                rows, then the decode rows: padding and causality) and then the virtual positions of
+                multi-member groups, from :func:`~dymu.kv_cache.decode_bias`; the same for every layer.
+            cache: the cache that holds ``layer``.
+            layer: this layer's :class:`~dymu.patch.cache.MergedKVLayer`.
+
+        Returns:
+            ``(out, None)``, ``out`` ``(B, T, C)``.
+        """
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)  # (B, T, C*)
+        cos, sin = position_embeddings
+        q, k = self._dymu_rope(_heads(q, self.head_dim), _heads(k, self.head_dim), cos, sin)  # (B, H*, T, D)
+        cache.update(k, _heads(v, self.head_dim), self.layer_idx)
+        out = layer_decode_attention(q, layer, merged_bias, self.scaling)  # (B, T, H, D)
+        return self.o_proj(_merge_heads(out)), None
+
+    def _decode_expanded(self, hidden_states, position_embeddings, host_mask, cache, **kwargs):
+        """Decode step over an expanded cache, and every call without ``vtu``: the host's forward.
+
+        Modifications (vs ``LlamaAttention.forward`` / ``Qwen2Attention.forward``): none; the cache is passed on
+        under the keyword the host declares. An expanded cache holds the ``L`` expanded, rotated prompt rows, so
+        the host's decode attention over it is already the virtual sequence's.
+
+        Args:
+            hidden_states: ``(B, T, C)``.
+            position_embeddings: the host's ``(cos, sin)``, each ``(B, T, D)``.
+            host_mask: the host decoder's mask for its attention implementation, over the cache's rows (with VTU:
+                the ``L`` expanded prompt rows and the ``S`` decode rows, e.g. ``(B, 1, T, L + S)`` for eager;
+                :class:`VTUDecoderMixin` rewrote the 2-D mask it comes from to that length).
+            cache: the host cache, or ``None``.
+            **kwargs: the host's.
+        """
+        kwargs[cache_keyword(super().forward)] = cache
+        return super().forward(hidden_states, position_embeddings, host_mask, **kwargs)
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """``(B, N, H * D)`` -> ``(B, H, N, D)`` (a view)."""
+    """Split heads: ``(B, N, H * D)`` -> ``(B, H, N, D)`` (a view of a contiguous ``x``, as the host's
+    ``view(...).transpose(1, 2)``)."""
     return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
 
 
-def _merged_layer(cache, layer_idx: int) -> MergedKVLayer | None:
-    """The merged cache layer of ``layer_idx``, if ``cache`` holds one."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None and layer_idx < len(layers) and isinstance(layers[layer_idx], MergedKVLayer):
-        return layers[layer_idx]
-    return None
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """Merge heads: ``(B, N, H, D)`` -> ``(B, N, H * D)`` (the kernels' output layout; copies if not contiguous).
+
+    Plain ``view`` / ``reshape`` here and in :func:`_heads`, not ``einops.rearrange``: these run four times per
+    layer and decode step, and ``rearrange`` cost 2.4x as much per call (27 vs 11 us on the AMD EPYC CI machine,
+    measured side by side), about 2 ms per token over 32 layers."""
+    return x.reshape(*x.shape[:2], -1)
 
 
 class VTUDecoderMixin:
     """Decoder stack (``LlamaModel``) that understands ``vtu=``.
 
+    :meth:`forward` hands a call with ``vtu`` to one of three paths, as :class:`VTUAttentionMixin` does.
+
     Modifications (vs ``LlamaModel.forward``), only when ``vtu`` is given:
-        - prefill (empty cache): the causal mask and RoPE tables are built over the ``L`` virtual
-          positions (``vtu.attention_mask``, ``vtu.position_ids``); ``vtu`` is passed to every layer. With
+        - prefill (empty cache, :meth:`_prefill`): the causal mask and RoPE tables are built over the ``L``
+          virtual positions (``vtu.attention_mask``, ``vtu.position_ids``); ``vtu`` is passed to every layer. With
           ``vtu.cache == "merged"`` and a ``DynamicCache`` (what ``generate`` makes), each cache layer is
-          replaced by a :class:`~dymu.kv_cache.MergedKVLayer` sharing the prompt's layout and RoPE tables;
-        - decode over a merged cache: the layers run with ``vtu`` and a ``(B, T, L_m + S + P)`` additive mask
-          (:func:`~dymu.kv_cache.decode_bias`: stored rows, ``generate``'s 2-D mask for the decode tokens, causal
-          among them, then the positions of multi-member groups); RoPE tables
-          at ``position_ids`` (``generate`` continues them from the last prompt position);
-        - decode over an expanded cache: the host's 2-D mask covers ``L_m`` prompt slots plus the new tokens;
-          it is rewritten to ``vtu.attention_mask`` plus the new tokens, so it matches the length-``L`` cache;
-          without ``position_ids`` the new tokens continue each sample's own virtual length
-          (:func:`continue_positions`); the host forward runs unchanged otherwise.
+          replaced by a :class:`~dymu.patch.cache.MergedKVLayer` sharing the prompt's layout and RoPE tables;
+        - decode over a merged cache (:meth:`_decode_merged`): the layers run with ``vtu`` and a
+          ``(B, T, L_m + S + P)`` additive mask (:func:`~dymu.kv_cache.decode_bias`: stored rows, ``generate``'s
+          2-D mask for the decode tokens, causal among them, then the positions of multi-member groups); RoPE
+          tables at ``position_ids`` (``generate`` continues them from the last prompt position);
+        - decode over an expanded cache (:meth:`_decode_expanded`): the host's 2-D mask covers ``L_m`` prompt
+          slots plus the new tokens; it is rewritten to ``vtu.attention_mask`` plus the new tokens, so it matches
+          the length-``L`` cache; without ``position_ids`` the new tokens continue each sample's own virtual
+          length (:func:`continue_positions`); the host forward runs unchanged otherwise.
         - the KV cache is accepted as ``cache=`` or ``past_key_values=`` and passed to the host, the decoder
           layers and the mask functions under the keyword each declares (:func:`dymu.patch._host.cache_keyword`);
           the output's cache field is the host's (``cache`` from transformers 5.24).
@@ -160,28 +242,31 @@ class VTUDecoderMixin:
         past_key_values=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        past_key_values = one_cache(cache, past_key_values, type(self).__name__)
-        host = dict(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache)
-        host_cache = cache_keyword(super().forward)  # the host's name for it: cache (>= 5.24) / past_key_values
+        cache = one_cache(cache, past_key_values, type(self).__name__)
         if vtu is None:
-            return super().forward(attention_mask=attention_mask, **{host_cache: past_key_values}, **host, **kwargs)
+            return self._host_forward(cache, input_ids=input_ids, attention_mask=attention_mask,
+                                      position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                      **kwargs)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            if attention_mask is None or attention_mask.ndim != 2:
-                raise ValueError("VTU decode steps need the 2-D attention mask that generate() passes.")
-            if _merged_layer(past_key_values, 0) is not None:
-                return self._decode_merged(input_ids, inputs_embeds, attention_mask, position_ids, past_key_values,
-                                           use_cache, vtu, **kwargs)
-            tail = attention_mask[:, vtu.merged_length :]
-            mask = torch.cat([vtu.attention_mask.to(attention_mask), tail], dim=1)
-            if position_ids is None:  # the host would count the padded length L (wrong for left-padded samples)
-                t = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-                host["position_ids"] = continue_positions(vtu.attention_mask.to(tail.device), tail.bool(), t)
-            host["use_cache"] = use_cache
-            return super().forward(attention_mask=mask, **{host_cache: past_key_values}, **host, **kwargs)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if cache is None or cache.get_seq_length() == 0:
+            return self._prefill(input_ids, inputs_embeds, cache, use_cache, vtu, **kwargs)
+        if attention_mask is None or attention_mask.ndim != 2:
+            raise ValueError("VTU decode steps need the 2-D attention mask that generate() passes.")
+        decode = self._decode_merged if merged_layer(cache, 0) is not None else self._decode_expanded
+        return decode(input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, vtu, **kwargs)
 
+    def _host_forward(self, cache, **host) -> BaseModelOutputWithPast:
+        """The host's forward, ``cache`` passed under the keyword it declares (``cache`` / ``past_key_values``)."""
+        return super().forward(**{cache_keyword(super().forward): cache}, **host)
+
+    def _prefill(self, input_ids, inputs_embeds, cache, use_cache, vtu: VTUInputs, **kwargs) -> BaseModelOutputWithPast:
+        """The prefill over the ``L_m`` merged tokens, masks and RoPE tables at the ``L`` virtual positions.
+
+        Raises:
+            ValueError: the inputs are not ``vtu``'s ``(B, L_m)``.
+        """
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         bsz, lm, _ = inputs_embeds.shape
@@ -197,16 +282,30 @@ class VTUDecoderMixin:
             attention_mask=vtu.attention_mask.to(inputs_embeds.device),
             position_ids=positions,
         )
-        mask_kwargs[cache_keyword(create_causal_mask)] = past_key_values
+        mask_kwargs[cache_keyword(create_causal_mask)] = cache
         layer_types = getattr(self.config, "layer_types", None) or ["full_attention"] * self.config.num_hidden_layers
-        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+        masks = {"full_attention": create_causal_mask(**mask_kwargs)}  # each layer's virtual_causal_mask
         if "sliding_attention" in layer_types:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=positions)  # (B, L, D) each
-        if vtu.cache == "merged" and past_key_values is not None:
-            self._install_merged_cache(past_key_values, vtu, position_embeddings, layer_types)
-        return self._run_layers(inputs_embeds, masks, layer_types, position_embeddings, positions, past_key_values,
+        if vtu.cache == "merged" and cache is not None:
+            self._install_merged_cache(cache, vtu, position_embeddings, layer_types)
+        return self._run_layers(inputs_embeds, masks, layer_types, position_embeddings, positions, cache,
                                 use_cache, vtu, **kwargs)
+
+    def _decode_expanded(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, vtu,
+                         **kwargs) -> BaseModelOutputWithPast:
+        """One decode step over an expanded cache: the host's forward, its 2-D mask at the cache's length ``L + S``.
+
+        The layers run without ``vtu`` (:meth:`VTUAttentionMixin._decode_expanded`).
+        """
+        tail = attention_mask[:, vtu.merged_length :]
+        mask = torch.cat([vtu.attention_mask.to(attention_mask), tail], dim=1)
+        if position_ids is None:  # the host would count the padded length L (wrong for left-padded samples)
+            t = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            position_ids = continue_positions(vtu.attention_mask.to(tail.device), tail.bool(), t)
+        return self._host_forward(cache, input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                  inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
 
     def _run_layers(self, hidden_states, masks, layer_types, position_embeddings, positions, past_key_values,
                     use_cache, vtu, **kwargs) -> BaseModelOutputWithPast:
@@ -256,12 +355,18 @@ class VTUDecoderMixin:
                                          merged_length=vtu.merged_length)
         cache.layers = [MergedKVLayer(prompt, vtu.merged_length) for _ in range(self.config.num_hidden_layers)]
 
-    def _decode_merged(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, vtu, **kwargs):
-        """One decode step (``T`` new tokens) over a merged cache."""
+    def _decode_merged(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, vtu,
+                       **kwargs) -> BaseModelOutputWithPast:
+        """One decode step (``T`` new tokens) over a merged cache: every layer's ``merged_bias``
+        (:meth:`VTUAttentionMixin._decode_merged`) from ``generate``'s 2-D mask, RoPE at the new positions.
+
+        Raises:
+            ValueError: the 2-D mask is not ``(B, L_m + S)``.
+        """
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         bsz, t, _ = inputs_embeds.shape
-        first = _merged_layer(cache, 0)
+        first = merged_layer(cache, 0)
         lm, cached = first.merged_length, cache.get_seq_length()
         if attention_mask.shape != (bsz, cached + t):
             raise ValueError(f"VTU decode: the 2-D attention mask is {tuple(attention_mask.shape)} but the merged cache "
@@ -272,10 +377,10 @@ class VTUDecoderMixin:
             position_ids = continue_positions(prompt_mask, tail_mask, t)
         s = tail_mask.shape[1]
         causal = torch.ones(t, s, dtype=torch.bool, device=tail_mask.device).tril(diagonal=s - t)
-        bias = decode_bias(first.prompt, tail_mask[:, None, :] & causal)  # (B, T, L_m + S + P), every layer
+        merged_bias = decode_bias(first.prompt, tail_mask[:, None, :] & causal)  # (B, T, L_m + S + P), every layer
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         layer_types = ["full_attention"] * self.config.num_hidden_layers
-        return self._run_layers(inputs_embeds, {"full_attention": bias}, layer_types, position_embeddings,
+        return self._run_layers(inputs_embeds, {"full_attention": merged_bias}, layer_types, position_embeddings,
                                 position_ids, cache, use_cache, vtu, **kwargs)
 
 

@@ -7,7 +7,8 @@ token, attention-pool "map" head, which gets the proportional size bias too).
 Gives standalone dynamic-length image features: after :func:`dymu.apply_dtome`, ``CLIP.encode_image`` (and so
 zero-shot classification) runs on merged tokens. open_clip is not imported here; it is only inspected when a
 model holding one of its towers is patched. Install with ``pip install -e ".[openclip]"``; on CPU-only torch
-builds ``import dymu`` first (or call :func:`dymu.prepare_cpu_torchvision`) so torchvision imports.
+builds call :func:`dymu.prepare_cpu_torchvision` before importing open_clip or transformers, so torchvision imports
+(``import dymu`` does not do it).
 
 Only the top-level tower (or trunk) class is swapped; the blocks keep their class and are driven by
 :func:`_block_forward` / :func:`_timm_block_forward`. Same method as the transformers patches: keys averaged over heads as the metric (taken
@@ -92,7 +93,7 @@ def _merge_then_mlp(block_mlp, x, out, keys, state, rule, layer, protect_first):
     """``h = x + out``; merge ``h`` on the attention ``keys`` (averaged over heads); ``h + MLP(h)``."""
     h = x + out
     scores, dst = bipartite_match(keys.mean(dim=1), state.padding_mask, protect_first=protect_first)
-    h, state = merge_tokens(h, state, rule(layer, scores), dst)
+    h, state = merge_tokens(h, state, rule(layer, scores, state.lengths), dst)
     return h + block_mlp(h), state
 
 
@@ -140,7 +141,19 @@ def _weighted_mean(tokens: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     return (tokens * weights).sum(1) / weights.sum(1)
 
 
-class DToMeOpenClipVisionMixin:
+class _DToMeTowerMixin:
+    """``dtome_forward`` of both open_clip tower mixins: the per-call ``merge_rule`` (default: the configured
+    rule) and the patch settings go to the tower's own merged pass, ``_run``."""
+
+    def dtome_forward(self, pixel_values: torch.Tensor, merge_rule: MergeRule | None = None,
+                      output_hidden_states: bool = False) -> DToMeVisionOutput:
+        """Merged forward pass (see the tower's ``_run``): ``(B, 3, H, W)`` pixels -> :class:`DToMeVisionOutput`."""
+        settings: DToMeSettings = self._dymu
+        return self._run(pixel_values, settings, merge_rule if merge_rule is not None else settings.rule,
+                         output_hidden_states)
+
+
+class DToMeOpenClipVisionMixin(_DToMeTowerMixin):
     """open_clip ``VisionTransformer`` with DToMe.
 
     Modifications (vs ``VisionTransformer.forward``):
@@ -159,20 +172,14 @@ class DToMeOpenClipVisionMixin:
             return out.pooler_output, tokens
         return out.pooler_output
 
-    def dtome_forward(
-        self,
-        pixel_values: torch.Tensor,
-        merge_rule: MergeRule | None = None,
-        output_hidden_states: bool = False,
-    ) -> DToMeVisionOutput:
+    def _run(self, pixel_values: torch.Tensor, settings: DToMeSettings, rule: MergeRule,
+             output_hidden_states: bool) -> DToMeVisionOutput:
         """Merged forward pass.
 
         Returns:
             ``last_hidden_state`` ``(B, N, C)`` (CLS first; after ``ln_post`` unless the tower applies it after
             pooling), ``pooler_output`` ``(B, output_dim)`` (projected), sizes / group ids / padding mask.
         """
-        settings: DToMeSettings = self._dymu
-        rule = merge_rule if merge_rule is not None else settings.rule
         x, state, hidden_states = run_layers(self.transformer.resblocks, _block_forward, self._embeds(pixel_values),
                                               settings, rule, output_hidden_states)
         if not self.final_ln_after_pool:
@@ -190,7 +197,7 @@ class DToMeOpenClipVisionMixin:
         return DToMeVisionOutput.of(x, pooled, hidden_states, state)
 
 
-class DToMeTimmVisionMixin:
+class DToMeTimmVisionMixin(_DToMeTowerMixin):
     """timm ``VisionTransformer`` (e.g. the SigLIP trunk of open_clip's ``TimmModel``) with DToMe.
 
     Modifications (vs ``VisionTransformer.forward``):
@@ -206,15 +213,9 @@ class DToMeTimmVisionMixin:
             raise NotImplementedError("DToMe timm towers build their own attention mask; call forward(x).")
         return self.dtome_forward(x).pooler_output
 
-    def dtome_forward(
-        self,
-        pixel_values: torch.Tensor,
-        merge_rule: MergeRule | None = None,
-        output_hidden_states: bool = False,
-    ) -> DToMeVisionOutput:
+    def _run(self, pixel_values: torch.Tensor, settings: DToMeSettings, rule: MergeRule,
+             output_hidden_states: bool) -> DToMeVisionOutput:
         """Merged forward pass: ``last_hidden_state`` after the final norm, ``pooler_output`` after the head."""
-        settings: DToMeSettings = self._dymu
-        rule = merge_rule if merge_rule is not None else settings.rule
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(pixel_values))))
         x, state, hidden_states = run_layers(self.blocks, _timm_block_forward, x, settings, rule, output_hidden_states)
         x = self.norm(x)

@@ -129,13 +129,14 @@ class DToMeEncoderLayerMixin:
         attn, _, metric = self.self_attn(self.layer_norm1(hidden_states), attention_mask=attention_mask)
         h = hidden_states + attn
         scores, dst = bipartite_match(metric, state.padding_mask, protect_first=protect_first)
-        h, state = merge_tokens(h, state, rule(layer, scores), dst)
+        h, state = merge_tokens(h, state, rule(layer, scores, state.lengths), dst)
         return h + self.mlp(self.layer_norm2(h)), state
 
 
 @dataclass
 class DToMeSettings:
-    """Per-encoder configuration set by :func:`dymu.apply_dtome` (no per-call state).
+    """Per-encoder configuration set by :func:`dymu.apply_dtome` (no per-call state). Outside the patch classes,
+    read it with :func:`dymu.dtome_settings` (``dtome_settings(tower)``), not through the attribute it is kept in.
 
     Attributes:
         rule: default merge rule (thresholds or fixed r).
@@ -182,42 +183,9 @@ class DToMeEncoderMixin:
         )
 
 
-class DToMeCLIPVisionModelMixin:
-    """``CLIPVisionModel`` returning :class:`DToMeVisionOutput`.
-
-    Modifications (vs ``CLIPVisionModel.forward``): forwards ``merge_rule`` to the encoder and returns
-    the merge bookkeeping. ``last_hidden_state`` is the feature layer's output (not normalised);
-    ``pooler_output`` is ``post_layernorm`` of the CLS token, which never merges and stays at index 0.
-    """
-
-    def forward(self, *args, **kwargs) -> DToMeVisionOutput:
-        return self.dtome_forward(*args, **kwargs)
-
-    def dtome_forward(
-        self,
-        pixel_values: torch.Tensor,
-        interpolate_pos_encoding: bool = False,
-        merge_rule: MergeRule | None = None,
-        output_hidden_states: bool = False,
-        **kwargs,
-    ) -> DToMeVisionOutput:
-        x = self.embeddings(pixel_values, interpolate_pos_encoding)
-        x = self.pre_layrnorm(x)
-        enc = self.encoder(x, merge_rule=merge_rule, output_hidden_states=output_hidden_states)
-        return DToMeVisionOutput.from_encoder(enc, self.post_layernorm(enc.last_hidden_state[:, 0, :]))
-
-
-class DToMeSiglipVisionModelMixin:
-    """``SiglipVisionModel`` returning :class:`DToMeVisionOutput`.
-
-    Modifications (vs ``SiglipVisionModel.forward``):
-        - forwards ``merge_rule`` to the encoder and returns the merge bookkeeping;
-        - ``last_hidden_state`` is the feature layer's output *before* ``post_layernorm`` (what LLaVA
-          models read from ``hidden_states[vision_feature_layer]``);
-        - the attention-pooling head (``vision_use_head``) sees ``post_layernorm`` of the merged tokens with
-          proportional attention: ``log s_j`` added to each key's logit, padding keys masked (DyMU applies
-          the size bias wherever tokens are attended over).
-    """
+class _DToMeVisionModelMixin:
+    """The forward both vision-model mixins share: embeddings (CLIP: then ``pre_layrnorm``), the DToMe encoder
+    with ``merge_rule`` forwarded, the merge bookkeeping returned; each family pools in :meth:`_pool`."""
 
     def forward(self, *args, **kwargs) -> DToMeVisionOutput:
         return self.dtome_forward(*args, **kwargs)
@@ -231,14 +199,46 @@ class DToMeSiglipVisionModelMixin:
         **kwargs,
     ) -> DToMeVisionOutput:
         x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        if hasattr(self, "pre_layrnorm"):  # CLIP normalises before the encoder; SigLIP does not
+            x = self.pre_layrnorm(x)
         enc = self.encoder(x, merge_rule=merge_rule, output_hidden_states=output_hidden_states)
+        return DToMeVisionOutput.from_encoder(enc, self._pool(enc))
+
+    def _pool(self, enc: DToMeEncoderOutput) -> torch.Tensor | None:
+        raise NotImplementedError
+
+
+class DToMeCLIPVisionModelMixin(_DToMeVisionModelMixin):
+    """``CLIPVisionModel`` returning :class:`DToMeVisionOutput`.
+
+    Modifications (vs ``CLIPVisionModel.forward``): forwards ``merge_rule`` to the encoder and returns
+    the merge bookkeeping. ``last_hidden_state`` is the feature layer's output (not normalised);
+    ``pooler_output`` is ``post_layernorm`` of the CLS token, which never merges and stays at index 0.
+    """
+
+    def _pool(self, enc: DToMeEncoderOutput) -> torch.Tensor:
+        return self.post_layernorm(enc.last_hidden_state[:, 0, :])
+
+
+class DToMeSiglipVisionModelMixin(_DToMeVisionModelMixin):
+    """``SiglipVisionModel`` returning :class:`DToMeVisionOutput`.
+
+    Modifications (vs ``SiglipVisionModel.forward``):
+        - forwards ``merge_rule`` to the encoder and returns the merge bookkeeping;
+        - ``last_hidden_state`` is the feature layer's output *before* ``post_layernorm`` (what LLaVA
+          models read from ``hidden_states[vision_feature_layer]``);
+        - the attention-pooling head (``vision_use_head``) sees ``post_layernorm`` of the merged tokens with
+          proportional attention: ``log s_j`` added to each key's logit, padding keys masked (DyMU applies
+          the size bias wherever tokens are attended over).
+    """
+
+    def _pool(self, enc: DToMeEncoderOutput) -> torch.Tensor | None:
+        if not getattr(self, "use_head", False):
+            return None
         last = enc.last_hidden_state
-        pooled = None
-        if getattr(self, "use_head", False):
-            merged = enc.padding_mask is not None or last.shape[1] != enc.group_ids.shape[1]
-            state = TokenState(enc.token_sizes, enc.group_ids, enc.padding_mask, merged=merged)
-            pooled = _attention_pool(self.head, self.post_layernorm(last), attention_bias(state, last.dtype))
-        return DToMeVisionOutput.from_encoder(enc, pooled)
+        merged = enc.padding_mask is not None or last.shape[1] != enc.group_ids.shape[1]
+        state = TokenState(enc.token_sizes, enc.group_ids, enc.padding_mask, merged=merged)
+        return _attention_pool(self.head, self.post_layernorm(last), attention_bias(state, last.dtype))
 
 
 def _attention_pool(head: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
