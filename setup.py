@@ -30,19 +30,18 @@ setup(
         "transformers>=5.23,<5.25",
         "packaging",
         "safetensors",
-        "einops",
         "pillow",
         "numpy",
         "tqdm",
     ],
-    entry_points={"lmms_eval.models": ["dymu = llava.lmms_plugin:manifests"]},
+    entry_points={"lmms_eval.models": ["dymu = eval.lmms_plugin:manifests"]},
     extras_require={
         # datasets: Hub benchmark data; matplotlib: benchmark plots; filelock: one writer per output folder
         "eval": ["hydra-core>=1.3,<1.4", "wandb", "scikit-image", "datasets", "matplotlib", "filelock>=3.12"],
         # open_clip needs torchvision; keep it out of the main environment on CPU-only machines (transformers'
         # image classes break with PyPI's torchvision there; see dymu.prepare_cpu_torchvision).
         "openclip": ["open_clip_torch>=3.0", "torchvision"],
-        # lmms-eval plugin (llava.lmms_plugin); install with hydra-core in one pip call (antlr4 stays at 4.9).
+        # lmms-eval plugin (eval.lmms_plugin); install with hydra-core in one pip call (antlr4 stays at 4.9).
         "lmms": ["lmms-eval==0.7.3", "decord"],
         "dev": [
             "hydra-core>=1.3,<1.4",
@@ -55,6 +54,9 @@ setup(
             "tokenizers",
             "nbmake",  # runs notebooks/ under pytest
             "ipykernel",
+            # tests/test_layering.py: the contracts in .importlinter and, with its grimp, the cycle check. 2.6 added
+            # acyclic_siblings; 2.6 to 2.17 tested (2.15 is the newest on Python 3.10).
+            "import-linter>=2.6,<3",
         ],
     },
 )

@@ -21,17 +21,22 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from dymu.calibration import find_thresholds
 from dymu.checkpoint import CalibrationCheckpoint, CheckpointError
-from dymu.thresholds import Thresholds, find_thresholds
+from dymu.patch import encoder_spec, layers_to_run
+from dymu.thresholds import Thresholds, weights_identity
+from llava.images import IMAGE_SUFFIXES, load_image
+from llava.pipeline import DyMUPipeline
 
-from .model import IMAGE_SUFFIXES, DyMULlava
+from .distributed import process_group
+from .factory import load_from_config
 
 __all__ = ["list_images", "image_list_record", "calibrate", "calibrate_from_config", "checkpoint_path",
            "IMAGE_SUFFIXES", "MAX_LISTED_IMAGES", "UNREADABLE_SHOWN"]
 
 logger = logging.getLogger(__name__)
 
-# IMAGE_SUFFIXES (imported above): the file names of llava.model.IMAGE_FORMATS, the formats load_image opens
+# IMAGE_SUFFIXES (imported above): the file names of llava.images.IMAGE_FORMATS, the formats load_image opens
 
 MAX_LISTED_IMAGES = 1000
 """Calibration sets up to this size are listed in full in the thresholds file; larger ones by hash only."""
@@ -86,7 +91,7 @@ def image_list_record(images: Sequence[str | os.PathLike]) -> dict:
 
 
 class _Images(Dataset):
-    def __init__(self, paths: Sequence[Path], pipe: DyMULlava):
+    def __init__(self, paths: Sequence[Path], pipe: DyMUPipeline):
         self.paths, self.pipe = list(paths), pipe
 
     def __len__(self) -> int:
@@ -163,7 +168,7 @@ def _fail_together(error: BaseException | None, world: int, device: torch.device
 
 
 class _Readable(Dataset):
-    """Decodes each image once (as :func:`llava.model.load_image` does at deployment); yields ``(i, None)`` or
+    """Decodes each image once (as :func:`llava.images.load_image` does at deployment); yields ``(i, None)`` or
     ``(i, reason)`` for an unreadable one."""
 
     def __init__(self, paths: Sequence[Path]):
@@ -173,7 +178,6 @@ class _Readable(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, str | None]:
-        from .model import load_image
 
         try:
             load_image(self.paths[i])
@@ -195,7 +199,7 @@ def _unreadable(paths: Sequence[Path], rank: int, world: int, num_workers: int, 
 
 
 def calibrate(
-    pipe: DyMULlava,
+    pipe: DyMUPipeline,
     images: Sequence[Path],
     target_tokens: int,
     *,
@@ -255,9 +259,6 @@ def calibrate(
             :class:`dymu.checkpoint.CheckpointError` for a checkpoint of other settings (and ``restart`` false)
             or an unreadable one. Under torch.distributed a failure on one rank is raised on all of them.
     """
-    from dymu.patch import encoder_spec, layers_to_run
-    from dymu.thresholds import weights_identity
-
     _integer("batch_size", batch_size, 1)
     _integer("seed", seed, 0)
     _integer("num_workers", num_workers, 0)
@@ -309,7 +310,7 @@ def calibrate(
                    "model": str(getattr(config, "_name_or_path", "")),
                    "weights_sha256": weights_identity(pipe.tower, layers_to_run(spec.num_layers,
                                                                                 config.vision_feature_layer)),
-                   "feature_layer": config.vision_feature_layer, "image_aspect_ratio": pipe.image_aspect_ratio,
+                   "feature_layer": config.vision_feature_layer, "image_aspect_ratio": getattr(pipe, "image_aspect_ratio", None),
                    "dtype": str(next(pipe.tower.parameters()).dtype).removeprefix("torch.")}
             ckpt = CalibrationCheckpoint(_rank_file(Path(checkpoint), rank, world), run, restart=restart)
         except (CheckpointError, OSError) as err:
@@ -332,7 +333,7 @@ def calibrate(
         feature_layer=config.vision_feature_layer,
         realised_batches=realised_loader,
         progress=progress,
-        source=source or "llava.calibrate",
+        source=source or "eval.calibrate",
         checkpoint=ckpt,
         on_batch=on_batch,
         extra={
@@ -340,7 +341,7 @@ def calibrate(
             "seed": seed,
             "batch_size": batch_size,
             "world_size": world,
-            "image_aspect_ratio": pipe.image_aspect_ratio,
+            "image_aspect_ratio": getattr(pipe, "image_aspect_ratio", None),
             "images": len(used),
             "images_listed": len(listed),
             "unreadable_images": {"count": len(bad), "max_unreadable_fraction": fraction,
@@ -385,38 +386,14 @@ def calibrate_from_config(cfg: Mapping) -> Thresholds:
         ValueError: ``data.images`` is not set, or a setting is out of range or of the wrong type (names the key
             and the allowed values; checked before the model loads); and what :func:`calibrate` raises.
     """
-    from .factory import _DTYPES
-    from .model import load_model
-
     output = Path(str(cfg["output"]))
     if output.exists() and not cfg.get("overwrite", False):
         raise FileExistsError(f"{output} exists; pass overwrite=true to replace it, or output=<another file>.")
     data = cfg["data"]
     settings = _settings(cfg)
     model_cfg = cfg["model"]
-    device = str(cfg.get("device", "cpu"))
-    started_group = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
-        started_group = True
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    try:
-        if model_cfg.get("build"):
-            from .factory import build_embedded
-
-            build_embedded(model_cfg, thresholds=False)
-        pipe = load_model(
-            str(model_cfg["name_or_path"]),
-            dymu=None,
-            vtu=False,
-            dtype=_DTYPES[str(model_cfg.get("dtype", "auto"))],
-            device=device,
-            attn_implementation=model_cfg.get("attn_implementation"),
-            image_aspect_ratio=model_cfg.get("image_aspect_ratio", "pad"),
-            layout=model_cfg.get("layout", "faithful"),
-        )
+    with process_group(str(cfg.get("device", "cpu"))) as device:
+        pipe = load_from_config(model_cfg, {"mode": "off", "vtu": False}, device=device, build_thresholds=False)
         images = list_images(data["images"], data.get("image_root"))
         if settings["max_images"] is not None:
             images = images[: settings["max_images"]]
@@ -449,6 +426,3 @@ def calibrate_from_config(cfg: Mapping) -> Thresholds:
         _fail_together(error, world, next(pipe.tower.parameters()).device)
         _rank_file(partial, rank, world).unlink(missing_ok=True)  # the file is written: the checkpoint is done
         return thresholds
-    finally:
-        if started_group:
-            dist.destroy_process_group()

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dymu.vis import save_png
+from llava import load_image
 
 from .factory import load_from_config
-from .model import load_image
 
 __all__ = ["ChatArgumentError", "ChatResult", "chat_from_config", "check_chat_args", "free_path"]
 

@@ -1,4 +1,4 @@
-"""Build a :class:`~llava.model.DyMULlava` from plain config mappings (the Hydra ``model`` / ``dymu`` groups).
+"""Config -> model: a DyMU pipeline from plain config mappings (the Hydra ``model`` / ``dymu`` groups).
 
 No Hydra import here: any mapping with the documented keys works.
 
@@ -18,36 +18,19 @@ from pathlib import Path
 
 import torch
 
+from dymu.budget import VisualBudget
 from dymu.thresholds import PACKAGED_DIR, ThresholdsError
+from llava import load_model
+from llava.pipeline import DyMUPipeline
 
-from .model import DyMULlava, VisualBudget, load_model
+from .tiny import ensure_embedded
 
-__all__ = ["load_from_config", "thresholds_source"]
+__all__ = ["load_from_config", "thresholds_source", "DTYPES"]
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-
-
-_EMBEDDED = ("tiny_llava15", "tiny_llava_onevision")
-
-
-def build_embedded(model_cfg: Mapping, thresholds: bool = True) -> None:
-    """Create an embedded tiny model (``model.build``) and, unless ``thresholds=False``, its thresholds,
-    on first use.
-
-    Raises:
-        ValueError: unknown ``model.build``.
-    """
-    from .tiny import ensure_tiny_llava15, ensure_tiny_llava_onevision, ensure_tiny_thresholds
-
-    build = model_cfg.get("build")
-    if build not in _EMBEDDED:
-        raise ValueError(f"unknown model.build {build!r}; use one of {_EMBEDDED} or null.")
-    ensure = ensure_tiny_llava15 if build == "tiny_llava15" else ensure_tiny_llava_onevision
-    path = ensure(str(model_cfg["name_or_path"]))
-    if thresholds:
-        ensure_tiny_thresholds(path)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+"""``model.dtype`` config value -> the ``dtype`` :func:`llava.load_model` gets (``"auto"``: the checkpoint's)."""
 
 
 def thresholds_source(model_cfg: Mapping, variant: str) -> str:
@@ -75,11 +58,13 @@ def thresholds_source(model_cfg: Mapping, variant: str) -> str:
 
 
 def load_from_config(model_cfg: Mapping, dymu_cfg: Mapping, device: str = "cpu",
-                     budget: Mapping | None = None) -> DyMULlava:
+                     budget: Mapping | None = None, build_thresholds: bool = True) -> DyMUPipeline:
     """Load the model a ``model`` config describes, with the DyMU variant a ``dymu`` config describes.
 
     ``budget`` (the Hydra ``budget`` group: ``threshold_scale``, ``max_visual_tokens``, ``min_visual_tokens``)
-    becomes the pipeline's default :class:`~llava.model.VisualBudget`; it is validated here, before any work.
+    becomes the pipeline's default :class:`~dymu.budget.VisualBudget`; it is validated here, before any work. An
+    embedded tiny model (``model.build``) is built on first use (:func:`eval.tiny.ensure_embedded`), with its
+    thresholds unless ``build_thresholds=False`` (calibration builds its own).
 
     Raises:
         ValueError: unknown ``dymu.mode`` or ``model.dtype``.
@@ -87,11 +72,11 @@ def load_from_config(model_cfg: Mapping, dymu_cfg: Mapping, device: str = "cpu",
     """
     path = str(model_cfg["name_or_path"])
     if model_cfg.get("build"):
-        build_embedded(model_cfg)
+        ensure_embedded(model_cfg, thresholds=build_thresholds)
     mode = dymu_cfg.get("mode", "off")
-    dtype = _DTYPES.get(str(model_cfg.get("dtype", "auto")))
+    dtype = DTYPES.get(str(model_cfg.get("dtype", "auto")))
     if dtype is None:
-        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {model_cfg.get('dtype')!r}.")
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {model_cfg.get('dtype')!r}.")
     kwargs = dict(
         vtu=bool(dymu_cfg.get("vtu", mode != "off")),
         vtu_cache=str(dymu_cfg.get("vtu_cache", "merged")),

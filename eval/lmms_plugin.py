@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import logging
 
-import dymu  # noqa: F401 - first: on CPU-only torch it lets torchvision (imported by lmms_eval) load
-from lmms_eval.api.instance import Instance
-from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
-from PIL import Image
+from dymu import prepare_cpu_torchvision
 
-from .model import Video, load_model
+prepare_cpu_torchvision()  # first: on CPU-only torch it lets torchvision (imported by lmms_eval) load
+
+from lmms_eval.api.instance import Instance  # noqa: E402
+from lmms_eval.api.model import lmms  # noqa: E402
+from lmms_eval.models.registry_v2 import ModelManifest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from llava import Video, load_model  # noqa: E402
 
 __all__ = ["DyMULlavaLMM", "manifests"]
 
@@ -110,4 +113,4 @@ class DyMULlavaLMM(lmms):
 
 def manifests() -> list[ModelManifest]:
     """The entry point lmms-eval loads: registers ``dymu_llava``."""
-    return [ModelManifest(model_id="dymu_llava", simple_class_path="llava.lmms_plugin.DyMULlavaLMM")]
+    return [ModelManifest(model_id="dymu_llava", simple_class_path="eval.lmms_plugin.DyMULlavaLMM")]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shlex
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,8 +15,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dymu.thresholds import PACKAGED_DIR
-from llava.factory import load_from_config, thresholds_source
 
+from .distributed import process_group
+from .factory import load_from_config, thresholds_source
 from .fingerprint import check_fingerprint, experiment_fingerprint
 from .runner import (PREDICTIONS, Generate, check_output_dir, check_predictions, check_run_settings, has_predictions,
                      raise_if_failed, read_predictions, run_benchmark)
@@ -52,28 +52,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     torch.manual_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
-    device, started = _join_process_group(str(cfg.device))
-    try:
+    with process_group(str(cfg.device)) as device:
         rank = dist.get_rank() if dist.is_initialized() else 0
         with output_lock(output_dir) if rank == 0 else nullcontext():  # one writer per folder, before any work
             check_output_dir(output_dir, cfg.resume)
             if rank == 0 and cfg.resume:
                 check_predictions(output_dir)  # a broken record stops the run now, not after every sample ran
             return _evaluate(cfg, output_dir, device)
-    finally:
-        if started:
-            dist.destroy_process_group()
-
-
-def _join_process_group(device: str) -> tuple[str, bool]:
-    """Under torchrun (WORLD_SIZE > 1) join the default group: gloo on CPU, nccl on CUDA (one GPU per rank)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return device, False
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
-    return device, True
 
 
 def _evaluate(cfg: DictConfig, output_dir: Path, device: str) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Weights cannot be downloaded here, and speed depends on shapes, not on weight values: the same transformers
 classes at the published widths give the real FLOPs, memory traffic and kernel shapes. Token counts after
 DToMe do depend on the weights, so thresholds for these models are calibrated on them (``find_thresholds``
-code, :func:`llava.calibrate.calibrate`). The tokenizer is the tiny BPE one (:mod:`llava.tiny`); its ids fit
+code, :func:`eval.calibrate.calibrate`). The tokenizer is the tiny BPE one (:mod:`eval.tiny`); its ids fit
 any vocab, and the LM head keeps the real vocab width.
 
 Widths are those of the Hugging Face ports' ``config.json`` (``llava-hf/llava-1.5-7b-hf``,
@@ -13,11 +13,15 @@ Widths are those of the Hugging Face ports' ``config.json`` (``llava-hf/llava-1.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 
-from .model import DyMULlava
+from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
+
+from llava import DyMULlava, DyMULlavaOnevision
+from llava.onevision import OnevisionProcessor
+
+from . import tiny
 
 __all__ = ["Shape", "SHAPES", "build_random"]
 
@@ -80,16 +84,12 @@ def build_random(
         seed: weights seed (the caller's RNG state is restored).
 
     Returns:
-        :class:`~llava.model.DyMULlava` (or :class:`~llava.onevision.DyMULlavaOnevision`) in eval mode, no
+        :class:`~llava.llava15.DyMULlava` (or :class:`~llava.onevision.DyMULlavaOnevision`) in eval mode, no
         gradients.
 
     Raises:
         KeyError: unknown shape name (lists the known ones).
     """
-    from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
-
-    from . import tiny
-
     if isinstance(shape, str):
         if shape not in SHAPES:
             raise KeyError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}.")
@@ -103,7 +103,7 @@ def build_random(
     elif shape.family == "onevision":
         tokenizer = tiny.onevision_tokenizer()
         config, cls = tiny.onevision_config(tokenizer, vision, text), LlavaOnevisionForConditionalGeneration
-        processor = SimpleNamespace(tokenizer=tokenizer, image_processor=tiny.onevision_image_processor())
+        processor = OnevisionProcessor(tokenizer, tiny.onevision_image_processor())
     else:
         raise ValueError(f"Shape.family must be 'llava15' or 'onevision', got {shape.family!r}.")
     with torch.random.fork_rng(devices=[]), torch.device(device):
@@ -111,7 +111,5 @@ def build_random(
         model = cls._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     model.eval().requires_grad_(False)
     if shape.family == "onevision":
-        from .onevision import DyMULlavaOnevision
-
         return DyMULlavaOnevision(model, processor, vtu=False)
     return DyMULlava(model, processor, vtu=False)

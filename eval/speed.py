@@ -12,7 +12,7 @@ Measured per variant and image (batch of one prompt with one image):
 - ``prefill_flops`` / ``encoder_flops``: ``torch.utils.flop_counter`` with eager attention (CPU SDPA is not
   counted, ``docs/environment.md``);
 - ``decode_ms_per_token``: greedy decode steps over that cache (the LM head on one row);
-- ``kv_cache_bytes``: the cache after prefill (:func:`dymu.kv_cache.kv_cache_bytes`);
+- ``kv_cache_bytes``: the cache after prefill (:func:`dymu.patch.cache.kv_cache_bytes`);
 - ``peak_encode_mb`` / ``peak_llm_mb``: peak memory above what was allocated before, in a separate untimed
   request (CUDA: allocator statistics; Linux CPU: the process' peak resident set, reset through
   ``/proc/self/clear_refs`` after ``malloc_trim``, an approximation);
@@ -39,11 +39,15 @@ import torch
 from transformers import DynamicCache
 
 import dymu
-from dymu.kv_cache import kv_cache_bytes
 from dymu.merge import ThresholdRule, constant_schedule
-from dymu.patch import cache_keyword
+from dymu.patch import cache_keyword, encoder_spec, find_decoder, layers_to_run
+from dymu.patch.cache import kv_cache_bytes
 
+from .calibrate import calibrate
+from .factory import DTYPES
 from .jsonio import write_json_atomic
+from .shapes import build_random
+from .tiny import export_calibration_images
 
 __all__ = ["Variant", "parse_variant", "check_counts", "run_benchmark", "summarise", "markdown_table", "plot", "TARGETS"]
 
@@ -204,11 +208,11 @@ class _Bench:
         self.decode_tokens = decode_tokens
         self.model = pipe.model
         self.tower = pipe.tower
-        self.decoder = dymu.find_decoder(self.model)
+        self.decoder = find_decoder(self.model)
         self.lm_head = self.model.lm_head
         self.device = pipe.device
-        spec = dymu.encoder_spec(self.tower)
-        self.n_run = dymu.layers_to_run(spec.num_layers, self.model.config.vision_feature_layer)
+        spec = encoder_spec(self.tower)
+        self.n_run = layers_to_run(spec.num_layers, self.model.config.vision_feature_layer)
         self.num_tokens = spec.num_tokens
         self.memory = _PeakMemory(self.device)
 
@@ -339,7 +343,7 @@ def run_benchmark(
     """Measure every variant on every image, interleaved over ``rounds``.
 
     Args:
-        pipe: :class:`~llava.model.DyMULlava` without DyMU applied (it is patched and restored here).
+        pipe: :class:`~llava.llava15.DyMULlava` without DyMU applied (it is patched and restored here).
         variants: what to compare; must include ``off`` (the reference).
         images: name -> PIL image.
         thresholds: level -> :class:`dymu.Thresholds` for the ``threshold`` variants.
@@ -574,12 +578,10 @@ def calibrate_levels(pipe, targets: Mapping[str, int], folder: Path, max_images:
     Files in ``folder/<level>.json`` made for this encoder are reused; others are calibrated and written.
     """
     from dymu.thresholds import Thresholds, ThresholdsError
-    from llava.calibrate import calibrate
-    from llava.tiny import export_calibration_images
 
     folder.mkdir(parents=True, exist_ok=True)
-    spec = dymu.encoder_spec(pipe.tower)
-    n_run = dymu.layers_to_run(spec.num_layers, pipe.model.config.vision_feature_layer)
+    spec = encoder_spec(pipe.tower)
+    n_run = layers_to_run(spec.num_layers, pipe.model.config.vision_feature_layer)
     images = export_calibration_images(folder / "images")
     step = max(len(images) // max_images, 1)
     images = images[::step][:max_images]
@@ -610,8 +612,6 @@ def run_from_config(cfg: Mapping) -> dict:
         ValueError: a count out of range (:func:`check_counts`), before anything is built.
         FileExistsError: ``output_dir`` already holds results and ``overwrite`` is false (checked first).
     """
-    from llava.factory import _DTYPES
-    from llava.shapes import build_random
 
     check_counts(rounds=cfg["rounds"], decode_tokens=cfg["decode_tokens"],
                  max_images=cfg["calibration"]["max_images"], batch_size=cfg["calibration"]["batch_size"])
@@ -622,7 +622,7 @@ def run_from_config(cfg: Mapping) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
-    dtype = _DTYPES[str(cfg["dtype"])]
+    dtype = DTYPES[str(cfg["dtype"])]
     pipe = build_random(str(cfg["shape"]), vision_layers=cfg.get("vision_layers"), llm_layers=cfg.get("llm_layers"),
                         dtype=dtype, device=str(cfg["device"]), attn_implementation=str(cfg["attn_implementation"]),
                         seed=int(cfg.get("seed", 0)))

@@ -10,7 +10,7 @@ merging and generation code can be exercised end to end with the stock ``transfo
 
 Typical use::
 
-    from llava.tiny import ensure_tiny_llava15
+    from eval.tiny import ensure_tiny_llava15
 
     path = ensure_tiny_llava15(tmp_dir / "tiny-llava-1.5")   # builds once, then reuses
     model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True)
@@ -39,9 +39,14 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from dymu import find_thresholds
+from llava import load_model
+
 __all__ = [
     "IMAGE_TOKEN",
     "MARKER_FILE",
+    "LLAVA15_CHAT_TEMPLATE",
+    "ONEVISION_CHAT_TEMPLATE",
     "TOKENIZER_VOCAB_SIZE",
     "build_tiny_tokenizer",
     "build_tiny_llava15",
@@ -49,6 +54,8 @@ __all__ = [
     "build_tiny_llava_onevision",
     "ensure_tiny_llava_onevision",
     "ensure_tiny_thresholds",
+    "ensure_embedded",
+    "EMBEDDED",
     "export_calibration_images",
 ]
 
@@ -58,6 +65,37 @@ IMAGE_TOKEN = "<image>"
 """The image placeholder; a special token, so it always encodes to exactly one id."""
 
 MARKER_FILE = "dymu_tiny.json"
+
+LLAVA15_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% for c in message['content'] %}{{ c['text'] }}{% endfor %}{{ ' ' }}"
+    "{% else %}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{{ ' ' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+"""The tiny LLaVA-1.5's chat template (Jinja, written here): the vicuna_v1 format, i.e. the system text, then
+``USER: `` with one ``<image>`` and a newline per image item before the question, then ``ASSISTANT:`` (tests
+check it renders exactly what :func:`llava.prompts.build_prompt` writes)."""
+
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}{{ '<image>\n' }}{% elif c['type'] == 'video' %}{{ '<video>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""The tiny LLaVA-OneVision's chat template (Jinja, written here): Qwen2's chat format, visual items (each
+followed by a newline) before the text (tests check it renders exactly what
+:func:`llava.prompts.build_onevision_prompt` writes)."""
 """Name of the marker written next to the weights, saying they are random."""
 
 TOKENIZER_VOCAB_SIZE = 1000
@@ -210,7 +248,7 @@ def llava15_config(tokenizer: PreTrainedTokenizerFast, vision: dict | None = Non
 
     Token geometry is LLaVA-1.5's whatever the widths (336 px, 14 px patches, features from the
     second-to-last layer without CLS). ``vision`` / ``text`` override ``CLIPVisionConfig`` / ``LlamaConfig``
-    fields (e.g. the 7B widths in :mod:`llava.shapes`); the text vocab defaults to the tokenizer's size
+    fields (e.g. the 7B widths in :mod:`eval.shapes`); the text vocab defaults to the tokenizer's size
     rounded up to 64.
 
     Raises:
@@ -266,6 +304,7 @@ def llava15_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
         vision_feature_select_strategy="default",
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1,
+        chat_template=LLAVA15_CHAT_TEMPLATE,
     )
 
 
@@ -422,42 +461,6 @@ def export_calibration_images(folder: str | os.PathLike, crops_per_image: int = 
     return sorted(paths)
 
 
-def ensure_tiny_thresholds(path: str | os.PathLike, targets: dict[str, int] | None = None) -> dict[str, Path]:
-    """Calibrate the tiny model's DToMe thresholds on first use (``path/thresholds/<variant>.json``).
-
-    Runs :func:`llava.calibrate.calibrate` (the same code as ``scripts/find_thresholds.py``) on
-    :func:`export_calibration_images`; existing files are kept.
-
-    Args:
-        path: the tiny checkpoint (see :func:`ensure_tiny_llava15` / :func:`ensure_tiny_llava_onevision`).
-        targets: variant -> tokens per image (crop) at the feature layer (default :data:`TINY_TARGETS`, or
-            :data:`ONEVISION_TARGETS` for a OneVision checkpoint).
-
-    Returns:
-        variant -> thresholds file.
-    """
-    from .calibrate import calibrate
-    from .model import load_model
-
-    path = Path(path)
-    if targets is None:
-        onevision = json.loads((path / "config.json").read_text())["model_type"] == "llava_onevision"
-        targets = ONEVISION_TARGETS if onevision else TINY_TARGETS
-    targets = dict(targets)
-    files = {v: path / "thresholds" / f"{v}.json" for v in targets}
-    todo = {v: t for v, t in targets.items() if not files[v].is_file()}
-    if todo:
-        images = export_calibration_images(path / "calibration_images")
-        pipe = load_model(path, dymu=None, vtu=False, dtype=torch.float32, local_files_only=True)
-        batch = 16 if pipe.model.config.model_type == "llava" else 4  # OneVision: several crops per image
-        for variant, target in todo.items():
-            logger.info("calibrating tiny thresholds '%s' (target %d tokens) on %d images", variant, target, len(images))
-            thresholds = calibrate(pipe, images, target, batch_size=batch, realised_max_images=None, progress=False,
-                                   source=f"llava.tiny.ensure_tiny_thresholds ({variant})")
-            thresholds.save(files[variant])
-    return files
-
-
 # -------------------------------------------------------------------------------- LLaVA-OneVision
 ONEVISION_SPECIAL_TOKENS = ("<image>", "<video>", "<|im_start|>", "<|im_end|>")
 
@@ -466,6 +469,7 @@ def onevision_tokenizer() -> PreTrainedTokenizerFast:
     """:func:`build_tiny_tokenizer` plus the LLaVA-OneVision special tokens."""
     tokenizer = build_tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": list(ONEVISION_SPECIAL_TOKENS)})
+    tokenizer.chat_template = ONEVISION_CHAT_TEMPLATE
     return tokenizer
 
 
@@ -545,3 +549,67 @@ def ensure_tiny_llava_onevision(path: str | os.PathLike, seed: int = 0) -> Path:
     """Return ``path`` holding the tiny random-weight LLaVA-OneVision, building it on first use
     (atomically, as :func:`ensure_tiny_llava15`)."""
     return ensure_tiny_llava15(path, seed=seed, builder=build_tiny_llava_onevision)
+
+
+def ensure_tiny_thresholds(path: str | os.PathLike, targets: dict[str, int] | None = None) -> dict[str, Path]:
+    """Calibrate the tiny model's DToMe thresholds on first use (``path/thresholds/<variant>.json``).
+
+    Runs :func:`dymu.find_thresholds` on :func:`export_calibration_images`, each image as the pipeline's
+    :meth:`~llava.pipeline.DyMUPipeline.crops` gives it (deployment preprocessing), in batches of 16 images
+    (LLaVA-1.5) or 4 (LLaVA-OneVision, several crops each) in file-name order; the realised token count is
+    measured on the same batches. Existing files are kept.
+
+    Args:
+        path: the tiny checkpoint (see :func:`ensure_tiny_llava15` / :func:`ensure_tiny_llava_onevision`).
+        targets: variant -> tokens per image (crop) at the feature layer (default :data:`TINY_TARGETS`, or
+            :data:`ONEVISION_TARGETS` for a OneVision checkpoint).
+
+    Returns:
+        variant -> thresholds file.
+    """
+    path = Path(path)
+    if targets is None:
+        onevision = json.loads((path / "config.json").read_text())["model_type"] == "llava_onevision"
+        targets = ONEVISION_TARGETS if onevision else TINY_TARGETS
+    targets = dict(targets)
+    files = {v: path / "thresholds" / f"{v}.json" for v in targets}
+    todo = {v: t for v, t in targets.items() if not files[v].is_file()}
+    if todo:
+        images = export_calibration_images(path / "calibration_images")
+        pipe = load_model(path, dymu=None, vtu=False, dtype=torch.float32, local_files_only=True)
+        per_batch = 16 if pipe.model.config.model_type == "llava" else 4  # OneVision: several crops per image
+        crops = [pipe.crops(image) for image in images]  # (n_crops, 3, H, W) each
+        batches = [torch.cat(crops[i : i + per_batch]) for i in range(0, len(crops), per_batch)]
+        config = pipe.model.config
+        for variant, target in todo.items():
+            logger.info("calibrating tiny thresholds '%s' (target %d tokens) on %d images", variant, target, len(images))
+            thresholds = find_thresholds(
+                pipe.tower, batches, target_tokens=target, feature_layer=config.vision_feature_layer,
+                realised_batches=batches, progress=False, source=f"eval.tiny.ensure_tiny_thresholds ({variant})",
+                extra={"model": str(path.name), "batch_size": per_batch, "images": len(images)},
+            )
+            thresholds.save(files[variant])
+    return files
+
+
+EMBEDDED = {"tiny_llava15": ensure_tiny_llava15, "tiny_llava_onevision": ensure_tiny_llava_onevision}
+"""``model.build`` config value -> the function that builds that embedded tiny checkpoint on first use."""
+
+
+def ensure_embedded(model_cfg, thresholds: bool = True) -> Path:
+    """Build the embedded tiny model a model config names (``model.build``, at ``model.name_or_path``) on
+    first use and, unless ``thresholds=False``, its thresholds (:func:`ensure_tiny_thresholds`).
+
+    Returns:
+        the checkpoint folder.
+
+    Raises:
+        ValueError: unknown ``model.build`` (the message lists :data:`EMBEDDED`).
+    """
+    build = model_cfg.get("build")
+    if build not in EMBEDDED:
+        raise ValueError(f"unknown model.build {build!r}; use one of {tuple(EMBEDDED)} or null.")
+    path = EMBEDDED[build](str(model_cfg["name_or_path"]))
+    if thresholds:
+        ensure_tiny_thresholds(path)
+    return path

@@ -38,6 +38,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dymu.budget import out_of_bounds
+
 __all__ = ["init_wandb", "log_results", "flatten", "run_id", "sample_score", "layer_token_counts",
            "SAMPLE_COLUMNS"]
 
@@ -232,15 +234,16 @@ def _final_counts(pipe, passes: list[dict[int, list[int]]]) -> list[list[int]]:
 
     Every tower pass encodes its own inputs (LLaVA-OneVision: the images' crops, then each video's frames),
     except under a budget with exact bounds (LLaVA-1.5), where a second pass re-encodes the inputs
-    ``pipe.out_of_bounds`` lists for the first pass's counts; their rows come from that pass.
+    ``dymu.budget.out_of_bounds`` lists for the first pass's counts (as ``dymu.budget.encode_under_budget``
+    does); their rows come from that pass.
     """
     rows = [[[p[layer][i] for layer in sorted(p)] for i in range(len(next(iter(p.values()))))]
             for p in passes if p]
-    budget = pipe.token_budget() if hasattr(pipe, "token_budget") else None
-    if budget is None or not budget.has_bounds or len(rows) < 2:
+    budget = pipe.request_budget()
+    if not budget.has_bounds or len(rows) < 2:
         return [row for pass_rows in rows for row in pass_rows]
     counts, redone = rows[0], rows[1]
-    again = pipe.out_of_bounds([row[-1] for row in counts])
+    again = out_of_bounds(pipe.tower, [row[-1] for row in counts], budget, dropped_tokens=pipe.dropped_tokens)
     if len(rows) != 2 or len(again) != len(redone):
         raise RuntimeError(f"{len(rows)} tower passes do not match the pipeline's bounded re-encoding")
     for i, row in zip(again, redone):

@@ -30,48 +30,41 @@ from collections.abc import Sequence
 
 import torch
 from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer, LlavaOnevisionForConditionalGeneration
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-from dymu import is_patched
+from dymu.budget import VisualBudget
 
-from .model import DyMULlava, EncodedImages, ImageLike, Video, VisualBudget, load_image
+from .images import ImageLike, Video, load_image
+from .pipeline import DyMUPipeline, EncodedImages, order_by_first_position, register_family
+from .prompts import QWEN_SYSTEM, build_onevision_prompt, chat_prompt
 
-__all__ = ["DyMULlavaOnevision", "build_onevision_prompt", "virtual_layout", "pooled_layout", "LAYOUTS", "VIDEO_POOLING"]
+__all__ = ["DyMULlavaOnevision", "OnevisionProcessor", "virtual_layout", "pooled_layout", "LAYOUTS", "VIDEO_POOLING"]
 
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("faithful", "paper")
 VIDEO_POOLING = ("merge", "pool")
-QWEN_SYSTEM = "You are a helpful assistant."
 _NEWLINE = -1  # key of an image_newline position
 _MIXED = -2  # key of a downsampled position that mixes several groups
 
 
-def build_onevision_prompt(question: str, placeholders: int | Sequence[str] = 1, system: str = QWEN_SYSTEM) -> str:
-    """One-turn LLaVA-OneVision (Qwen2 chat) prompt ending where the assistant's answer starts.
+class OnevisionProcessor:
+    """The two parts of a LLaVA-OneVision processor the pipeline uses: ``tokenizer`` and ``image_processor``.
 
-    Args:
-        question: the user's text; if it already contains ``<image>`` / ``<video>`` placeholders it is used
-            as it is.
-        placeholders: how many ``<image>`` placeholders to put before the question, or the placeholders
-            themselves in order (e.g. ``["<video>"]``); each is followed by a newline.
-        system: the system message.
-
-    Raises:
-        TypeError: ``question`` is not a str.
-        ValueError: empty question.
+    transformers' ``LlavaOnevisionProcessor`` also builds a video processor, which needs torchvision; frames
+    go through the image processor here, so the two parts suffice. The chat template comes with the
+    tokenizer (transformers loads the checkpoint's ``chat_template.jinja`` into it).
     """
-    if not isinstance(question, str):
-        raise TypeError(f"the question is {type(question).__name__} ({question!r:.60}), not a string; pass the text "
-                        "as a str.")
-    if not question or not question.strip():
-        raise ValueError("the question is empty; pass the text to ask about the image.")
-    if isinstance(placeholders, int):
-        placeholders = ["<image>"] * placeholders
-    if "<image>" not in question and "<video>" not in question:
-        question = "".join(f"{p}\n" for p in placeholders) + question
-    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
-            "<|im_start|>assistant\n")
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's chat template (None if the checkpoint ships none)."""
+        return getattr(self.tokenizer, "chat_template", None)
 
 
 @torch.no_grad()
@@ -146,13 +139,14 @@ def pooled_layout(host: torch.nn.Module, frame_ids: torch.Tensor) -> torch.Tenso
     return _decode_keys(pooled.flatten(0, 1), hashes).to(frame_ids.device)
 
 
-class DyMULlavaOnevision(DyMULlava):
+@register_family
+class DyMULlavaOnevision(DyMUPipeline):
     """A LLaVA-OneVision model, its tokenizer / image processor, and DyMU settings.
 
     Args:
         model: ``LlavaOnevisionForConditionalGeneration`` (DToMe / VTU applied or not).
-        processor: any object with ``.tokenizer`` and ``.image_processor`` (LLaVA-OneVision's processor
-            also needs a video processor, i.e. torchvision; the two parts suffice here).
+        processor: any object with ``.tokenizer`` and ``.image_processor``, e.g. :class:`OnevisionProcessor`
+            (LLaVA-OneVision's own processor also needs a video processor, i.e. torchvision).
         vtu: run the LLM with virtual token unmerging.
         layout: ``"faithful"`` or ``"paper"`` (images; see the module docstring).
         video_pooling: how video frames reach the LLM. ``"merge"`` (DyMU, default): DToMe merging takes the
@@ -161,12 +155,24 @@ class DyMULlavaOnevision(DyMULlava):
             positions per frame, then one newline), pooled positions assigned to groups by the same rule as
             ``anyres_max_9`` downsampling; merging nothing then reproduces the unmodified model exactly.
             Frames are preprocessed as the image processor's base view (resized to 384x384, normalised).
-        vtu_cache: ``"merged"`` or ``"expanded"`` KV cache, as for :class:`~llava.model.DyMULlava`.
-        budget: default :class:`~llava.model.VisualBudget` (``threshold_scale`` only, see :meth:`merge_rule`).
+        vtu_cache: ``"merged"`` or ``"expanded"`` KV cache (see :class:`~llava.pipeline.DyMUPipeline`).
+        budget: default :class:`~dymu.budget.VisualBudget`; ``threshold_scale`` only: an image's visual tokens
+            here span its AnyRes crops, ``image_newline`` tokens and downsampled positions, so encoder-side
+            token bounds would not be exact in LLM tokens (NotImplementedError).
     """
 
+    display_name = "LLaVA-OneVision"
+    model_types = ("llava_onevision",)
+    model_class = LlavaOnevisionForConditionalGeneration
     supports_video = True
     placeholders = ("<image>", "<video>")
+    options = ("layout", "video_pooling")
+
+    @classmethod
+    def load_processor(cls, name_or_path, **kwargs) -> OnevisionProcessor:
+        """The checkpoint's tokenizer and image processor (:class:`OnevisionProcessor`)."""
+        return OnevisionProcessor(AutoTokenizer.from_pretrained(name_or_path, **kwargs),
+                                  AutoImageProcessor.from_pretrained(name_or_path, **kwargs))
 
     def __init__(self, model, processor, vtu: bool = True, layout: str = "faithful", video_pooling: str = "merge",
                  vtu_cache: str = "merged", budget: VisualBudget | dict | None = None):
@@ -174,34 +180,24 @@ class DyMULlavaOnevision(DyMULlava):
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
         if video_pooling not in VIDEO_POOLING:
             raise ValueError(f"video_pooling must be one of {VIDEO_POOLING}, got {video_pooling!r}.")
-        super().__init__(model, processor, vtu=vtu, image_aspect_ratio="crop", vtu_cache=vtu_cache, budget=budget)
         self.layout = layout
         self.video_pooling = video_pooling
         self.host = model.model
+        super().__init__(model, processor, vtu=vtu, vtu_cache=vtu_cache, budget=budget)
 
-    def prompt(self, question: str, inputs: Sequence[ImageLike | Video] = ("image",)) -> str:
-        """The Qwen2 chat prompt LLaVA-OneVision was trained with (``<video>`` for :class:`Video` inputs).
+    def format_prompt(self, question: str, inputs: Sequence[ImageLike | Video]) -> str:
+        """The checkpoint's chat template, else the Qwen2 chat prompt LLaVA-OneVision was trained with
+        (:func:`~llava.prompts.build_onevision_prompt`); ``<video>`` for :class:`~llava.images.Video` inputs."""
+        placeholders = ["<video>" if isinstance(x, Video) else "<image>" for x in inputs]
+        templated = chat_prompt(self.processor, question, placeholders, system=QWEN_SYSTEM)
+        return templated if templated is not None else build_onevision_prompt(question, placeholders)
 
-        Placeholders as in :meth:`DyMULlava.prompt <llava.model.DyMULlava.prompt>`, with ``<image>`` and
-        ``<video>``: a question without either gets one per input before it; a question with some must hold
-        exactly one per input, in input order (``<video>`` for each :class:`Video`), else it is refused.
-
-        Raises:
-            TypeError: ``question`` is not a str.
-            ValueError: an empty question, a lone surrogate in it, or placeholders in it that do not match
-                ``inputs`` one to one.
-        """
-        self._check_question(question, inputs)
-        return build_onevision_prompt(question, ["<video>" if isinstance(x, Video) else "<image>" for x in inputs])
-
-    def _visual_positions_before_encoding(self, inputs: Sequence[ImageLike | Video]) -> tuple[int, bool]:
-        """As :meth:`DyMULlava._visual_positions_before_encoding`, for LLaVA-OneVision's virtual layout: exact for
+    def visual_positions(self, inputs: Sequence[ImageLike | Video]) -> tuple[int, bool]:
+        """LLaVA-OneVision's virtual layout: exact for
         videos (per frame the 27x27 patches, ``video_pooling="merge"``, or the 14x14 pooled positions,
         ``"pool"``; then one newline) and for the images of a multi-image prompt (the base crop, plus its
         newline in the faithful layout); a single image's AnyRes length depends on its size, so its base crop
         is the lower bound until it is encoded."""
-        if not self.vtu or not inputs:
-            return super()._visual_positions_before_encoding(inputs)
         vision = self.model.config.vision_config
         side = vision.image_size // vision.patch_size
         per_frame = side * side if self.video_pooling == "merge" else math.ceil(side / 2) ** 2
@@ -215,23 +211,6 @@ class DyMULlavaOnevision(DyMULlava):
                 total, exact = total + side * side, False
         return total, exact
 
-    def preprocess(self, images: Sequence[ImageLike]):
-        raise NotImplementedError("LLaVA-OneVision preprocesses per prompt (AnyRes); use encode_prompt_images.")
-
-    def merge_rule(self, batch_size: int, budget: VisualBudget | dict | None = None, bounded=None):
-        """As :meth:`DyMULlava.merge_rule`, for a batch of crops / frames; ``threshold_scale`` only.
-
-        Raises:
-            NotImplementedError: ``max_visual_tokens`` / ``min_visual_tokens``: an image's visual tokens here
-                span its AnyRes crops, ``image_newline`` tokens and downsampled positions, so encoder-side
-                bounds would not be exact in LLM tokens.
-        """
-        budget = VisualBudget.coerce(budget if budget is not None else (self._request_budget or self.budget))
-        if budget.max_visual_tokens is not None or budget.min_visual_tokens is not None:
-            raise NotImplementedError("max_visual_tokens / min_visual_tokens are exact for LLaVA-1.5 only; with "
-                                      "LLaVA-OneVision use threshold_scale to trade tokens for detail.")
-        return super().merge_rule(batch_size, budget, bounded)
-
     def crops(self, image: ImageLike) -> torch.Tensor:
         """``(n_crops, 3, 384, 384)``: the base image and AnyRes grid crops of a single-image prompt."""
         processed = self.image_processor([load_image(image)], return_tensors="pt")
@@ -241,26 +220,34 @@ class DyMULlavaOnevision(DyMULlava):
         return processed["pixel_values"][0, :n]
 
     @torch.no_grad()
-    def encode_prompt_images(self, images: Sequence[Sequence[ImageLike | Video]]) -> EncodedImages:
+    def encode_prompt_images(self, images: Sequence[Sequence[ImageLike | Video]],
+                             budget: VisualBudget | dict | None = None) -> EncodedImages:
         """Encode the images and videos of a batch of prompts; merged tokens and virtual group maps per input.
 
         As in the unmodified model, a prompt with one image gets the base image plus grid crops; a prompt
-        with several images gets the base image only for each (``batch_num_images``).
+        with several images gets the base image only for each (``batch_num_images``). Every crop and frame
+        merges under ``budget`` (default: the pipeline's; ``threshold_scale`` only).
+
+        Raises:
+            NotImplementedError: token bounds in ``budget``; DToMe with a strategy other than ``"full"``.
+            ValueError: an unreadable image; NaN / infinite pixels; an invalid budget.
         """
+        budget = self.request_budget(budget)
         encoded = {}
         groups = [[(i, load_image(x)) for i, x in enumerate(xs) if not isinstance(x, Video)] for xs in images]
-        image_out = iter(self._encode_images([[im for _, im in g] for g in groups if g]))
+        image_out = iter(self._encode_images([[im for _, im in g] for g in groups if g], budget))
         for s, g in enumerate(groups):
             for i, _ in g:
                 encoded[s, i] = next(image_out)
         for s, xs in enumerate(images):
             for i, x in enumerate(xs):
                 if isinstance(x, Video):
-                    encoded[s, i] = self._encode_video(x)
+                    encoded[s, i] = self._encode_video(x, budget)
         order = [encoded[s, i] for s, xs in enumerate(images) for i in range(len(xs))]
         return EncodedImages(features=[f for f, _ in order], group_index=[g for _, g in order])
 
-    def _encode_images(self, groups: list[list[Image.Image]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _encode_images(self, groups: list[list[Image.Image]],
+                       budget: VisualBudget) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if not groups:
             return []
         processed = self.image_processor(groups, return_tensors="pt")
@@ -272,7 +259,7 @@ class DyMULlavaOnevision(DyMULlava):
             for n, size in zip(per_image, sizes.tolist())
         ]
         crops = torch.cat([p[:n] for p, n in zip(pixels, crops_per_image)])
-        merged, crop_ids = self._encode_crops(crops, crops_per_image)
+        merged, crop_ids = self._encode_crops(crops, crops_per_image, budget)
         out = []
         for feats, ids, size in zip(merged, crop_ids, sizes):
             if self.layout == "paper":
@@ -283,9 +270,9 @@ class DyMULlavaOnevision(DyMULlava):
                 out.append(self._tokens(feats, raw, lambda f=feats, i=ids, z=size: self._packed(f[i], z)))
         return out
 
-    def _encode_video(self, video: Video) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_video(self, video: Video, budget: VisualBudget) -> tuple[torch.Tensor, torch.Tensor]:
         frames = self.image_processor([video.images()], return_tensors="pt")["pixel_values"][:, 0]  # (F, 3, H, W)
-        (feats,), (frame_ids,) = self._encode_crops(frames, [frames.shape[0]])
+        (feats,), (frame_ids,) = self._encode_crops(frames, [frames.shape[0]], budget)
         newline = torch.tensor([_NEWLINE], device=frame_ids.device)
         if self.video_pooling == "merge":
             return self._tokens(feats, torch.cat([frame_ids.flatten(), newline]), None)
@@ -294,7 +281,8 @@ class DyMULlavaOnevision(DyMULlava):
                                   self.host.image_newline[None].to(feats)])
         return self._tokens(feats, raw, host)
 
-    def _encode_crops(self, crops: torch.Tensor, per_item: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _encode_crops(self, crops: torch.Tensor, per_item: list[int],
+                      budget: VisualBudget) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Run crops (or frames) through the tower and projector in one batch.
 
         Returns:
@@ -302,25 +290,15 @@ class DyMULlavaOnevision(DyMULlava):
         """
         if self.model.config.vision_feature_select_strategy != "full":
             raise NotImplementedError("LLaVA-OneVision with DToMe expects vision_feature_select_strategy='full'.")
-        if not torch.isfinite(crops).all():
-            raise ValueError("pixel values contain NaN or infinite values; check the image preprocessing.")
-        crops = crops.to(self.device, self.dtype)
-        if is_patched(self.tower):
-            out = self.tower(crops, merge_rule=self.merge_rule(crops.shape[0]))
-            tokens, group_ids = out.last_hidden_state, out.group_ids
-            n = tokens.shape[1]
-            lengths = out.padding_mask.sum(-1).tolist() if out.padding_mask is not None else [n] * crops.shape[0]
-        else:
-            tokens = self.tower(crops, output_hidden_states=True).hidden_states[self.model.config.vision_feature_layer]
-            group_ids = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-            lengths = [tokens.shape[1]] * tokens.shape[0]
-        projected = self.host.multi_modal_projector(tokens)  # (crops, N', C)
-        features, ids, start = [], [], 0
+        tokens, group_ids = self.encode_tower(crops, budget)
+        lengths = [t.shape[0] for t in tokens]
+        projected = self.host.multi_modal_projector(torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True))
+        features, ids, start = [], [], 0  # projected: (crops, max n, C)
         for n_crops in per_item:
             lens = lengths[start : start + n_crops]
             offsets = torch.tensor([0] + lens[:-1], device=self.device).cumsum(0)
             features.append(torch.cat([projected[start + c, :n] for c, n in enumerate(lens)]))
-            ids.append(group_ids[start : start + n_crops] + offsets[:, None])
+            ids.append(torch.stack(group_ids[start : start + n_crops]) + offsets[:, None])
             start += n_crops
         return features, ids
 
@@ -337,12 +315,7 @@ class DyMULlavaOnevision(DyMULlava):
         positions = torch.arange(raw.numel(), device=raw.device)
         keys = torch.where(raw >= 0, raw, n_groups + positions)  # newline / mixed: tokens of their own
         unique, inverse = torch.unique(keys, return_inverse=True)
-        first = torch.full((unique.numel(),), raw.numel(), device=raw.device).scatter_reduce(
-            0, inverse, positions, reduce="amin"
-        )
-        order = first.argsort()  # unique keys, so the order is fully determined
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(order.numel(), device=order.device)
+        order, rank = order_by_first_position(inverse, unique.numel())
         token_keys = unique[order]
         feats = merged.new_empty(token_keys.numel(), merged.shape[-1])
         is_group = token_keys < n_groups

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 @hydra.main(config_path="../hydra_conf", config_name="chat", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from llava.chat import ChatArgumentError, chat_from_config
+    from eval.chat import ChatArgumentError, chat_from_config
 
     try:
         result = chat_from_config(OmegaConf.to_container(cfg, resolve=True))

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="../hydra_conf", config_name="find_thresholds", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from llava.calibrate import calibrate_from_config
+    from eval.calibrate import calibrate_from_config
 
     calibrate_from_config(cfg)
 

@@ -9,6 +9,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+from dymu import prepare_cpu_torchvision  # noqa: E402 - after the settings above, before transformers is imported
+
+prepare_cpu_torchvision()  # CPU-only torch + PyPI torchvision: lets transformers' image classes and open_clip import
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_IMAGES = REPO / "eval" / "data" / "sample" / "images"
 
@@ -16,7 +20,7 @@ SAMPLE_IMAGES = REPO / "eval" / "data" / "sample" / "images"
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:
     """A DYMU cache dir holding the tiny LLaVA-1.5 checkpoint and its calibrated thresholds."""
-    from llava.tiny import ensure_tiny_llava15, ensure_tiny_thresholds
+    from eval.tiny import ensure_tiny_llava15, ensure_tiny_thresholds
 
     cache = tmp_path_factory.mktemp("dymu_cache")
     path = ensure_tiny_llava15(cache / "llava15_tiny")
@@ -32,7 +36,7 @@ def tiny_path(tiny_cache) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ov_path(tmp_path_factory) -> Path:
     """The embedded tiny LLaVA-OneVision checkpoint (random weights)."""
-    from llava.tiny import build_tiny_llava_onevision
+    from eval.tiny import build_tiny_llava_onevision
 
     return build_tiny_llava_onevision(tmp_path_factory.mktemp("tiny_ov") / "llava_ov_tiny")
 
@@ -66,9 +70,10 @@ def uniform_thresholds(vision_config, value: float, feature_layer: int):
     """``dymu.Thresholds`` with the same ``value`` at every layer of the encoder ``vision_config`` describes
     (1.0 merges nothing: scores are clamped to [-1, 1] and the rule is strict)."""
     import dymu
+    from dymu.thresholds import encoder_fingerprint
 
     n = vision_config.num_hidden_layers
-    return dymu.Thresholds(values=[value] * n, encoder=dymu.encoder_fingerprint(vision_config), num_layers=n,
+    return dymu.Thresholds(values=[value] * n, encoder=encoder_fingerprint(vision_config), num_layers=n,
                            feature_layer=feature_layer)
 
 

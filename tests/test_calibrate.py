@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from conftest import SAMPLE_IMAGES
-from llava.calibrate import _batches_for_rank, list_images
+from eval.calibrate import _batches_for_rank, list_images
 
 
 def test_folder_listing_is_recursive_and_sorted(tmp_path):
@@ -46,7 +46,7 @@ def test_ranks_get_disjoint_whole_batches_covering_every_image():
 
 def test_tiny_calibration_records_the_weights_identity_and_cached_files_without_one_still_load(tiny_path, tmp_path,
                                                                                                caplog):
-    """llava.tiny's cached thresholds carry the tiny tower's weights identity and load onto it without a warning;
+    """eval.tiny's cached thresholds carry the tiny tower's weights identity and load onto it without a warning;
     a cached file from before the identity was recorded (no ``weights_sha256`` key) loads and applies too."""
     import logging
 

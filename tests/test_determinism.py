@@ -11,7 +11,8 @@ from transformers import AutoConfig
 import dymu
 import llava
 from conftest import SAMPLE_IMAGES
-from llava.calibrate import MAX_LISTED_IMAGES, calibrate, calibrate_from_config, image_list_record, list_images
+from dymu.thresholds import encoder_fingerprint
+from eval.calibrate import MAX_LISTED_IMAGES, calibrate, calibrate_from_config, image_list_record, list_images
 
 MAX_NEW = 8
 
@@ -46,7 +47,7 @@ def _load(kind: str, path: Path):
         return llava.load_model(path, dymu=path / "thresholds" / "mid.json", vtu=True)
     vis = AutoConfig.from_pretrained(path).vision_config
     n = vis.num_hidden_layers  # random SigLIP keys are alike: 0.9 still merges most tokens, image-dependently
-    thresholds = dymu.Thresholds(values=[0.9] * n, encoder=dymu.encoder_fingerprint(vis), num_layers=n, feature_layer=-1)
+    thresholds = dymu.Thresholds(values=[0.9] * n, encoder=encoder_fingerprint(vis), num_layers=n, feature_layer=-1)
     return llava.load_model(path, dymu=thresholds, vtu=True)
 
 

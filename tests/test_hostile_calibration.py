@@ -75,7 +75,7 @@ def test_unreadable_images_are_skipped_counted_and_recorded(tiny_cache, tiny_pat
     """A garbage file, a truncated JPEG and a FIFO among the images: the script skips them (it does not hang or
     abort), logs how many and which, records them in the file, and the thresholds equal a calibration on the readable
     images alone (the batches depend only on the readable set)."""
-    from llava.calibrate import calibrate
+    from eval.calibrate import calibrate
 
     folder = tmp_path / "images"
     good = good_images(tiny_path, folder)
@@ -108,7 +108,7 @@ def test_unreadable_images_are_skipped_counted_and_recorded(tiny_cache, tiny_pat
 def test_too_many_unreadable_images_fail_naming_them(tiny_cache, tiny_path, tmp_path, one_thread):
     """2 unreadable of 22 is more than the default max_unreadable_fraction of 0.01: a clear error with the count and
     the files, and nothing is written."""
-    from llava.calibrate import calibrate_from_config
+    from eval.calibrate import calibrate_from_config
 
     folder = tmp_path / "images"
     good_images(tiny_path, folder)
@@ -136,7 +136,7 @@ def _stop_after(k: int):
 def test_a_killed_calibration_resumes_to_the_same_thresholds(tiny_path, tmp_path, pipe):
     """Interrupted after 2 of 5 batches, the checkpoint holds those 2; the rerun computes only the 3 others and its
     thresholds equal an uninterrupted run's exactly."""
-    from llava.calibrate import calibrate
+    from eval.calibrate import calibrate
 
     images = good_images(tiny_path, tmp_path / "images")
     reference = calibrate(pipe, images, 94, batch_size=4, realised_max_images=0, progress=False)
@@ -161,7 +161,7 @@ def test_a_checkpoint_from_other_settings_is_refused(tiny_path, tmp_path, pipe):
     """A checkpoint of seed 0 is refused by a seed-1 run, naming the setting and the way out; restart=True discards
     it; a garbage checkpoint is refused too."""
     from dymu.checkpoint import CheckpointError
-    from llava.calibrate import calibrate
+    from eval.calibrate import calibrate
 
     images = good_images(tiny_path, tmp_path / "images")
     partial = tmp_path / "low.json.partial.json"
@@ -189,7 +189,7 @@ def test_a_checkpoint_from_other_settings_is_refused(tiny_path, tmp_path, pipe):
 
 # ------------------------------------------------------------------------------------------- torchrun
 def _calibrate_rank(rank: int, world: int, init_file: str, cfgs: list, outcome_dir: str) -> None:
-    from llava.calibrate import calibrate_from_config
+    from eval.calibrate import calibrate_from_config
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -336,7 +336,7 @@ BAD_SETTINGS = [
 def test_bad_calibration_settings_fail_before_the_model_loads(tmp_path):
     """Each bad setting is refused with its key and the allowed range before anything loads (the model path does
     not exist: reaching the loader would raise something else); and from the command line too."""
-    from llava.calibrate import calibrate_from_config
+    from eval.calibrate import calibrate_from_config
 
     (tmp_path / "images").mkdir()
     for key, value, message in BAD_SETTINGS:

@@ -17,7 +17,8 @@ from PIL import Image, features
 
 import llava
 from conftest import REPO
-from llava.calibrate import list_images
+import eval.calibrate
+from eval.calibrate import list_images
 
 RASTER = ["JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF"] + (["AVIF"] if features.check("avif") else [])
 """The formats load_image must open (the issue's allow-list), each where this Pillow can decode it."""
@@ -93,8 +94,8 @@ def test_calibration_lists_exactly_the_formats_load_image_opens(tmp_path):
         pixel = image.getpixel((8, 6))
         assert all(abs(a - b) <= 12 for a, b in zip(pixel, (200, 40, 10))), (name, pixel)
     # one source of truth: the calibration suffixes are the allow-list's registered extensions
-    assert llava.model.IMAGE_FORMATS == tuple(RASTER)
-    assert llava.calibrate.IMAGE_SUFFIXES == llava.model.IMAGE_SUFFIXES == tuple(wanted)
+    assert llava.images.IMAGE_FORMATS == tuple(RASTER)
+    assert eval.calibrate.IMAGE_SUFFIXES == llava.images.IMAGE_SUFFIXES == tuple(wanted)
 
 
 # --------------------------------------------------------------------------------- non-regular files

@@ -30,7 +30,7 @@ LIMIT_MESSAGE = r"text_config\.max_position_embeddings.*fewer images or video fr
 
 @pytest.fixture(scope="module")
 def path15(tmp_path_factory) -> Path:
-    from llava.tiny import ensure_tiny_llava15
+    from eval.tiny import ensure_tiny_llava15
 
     return ensure_tiny_llava15(tmp_path_factory.mktemp("hostile") / "llava15_tiny")
 

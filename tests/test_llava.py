@@ -8,6 +8,7 @@ import torch
 import dymu
 import llava
 from conftest import REPO, SAMPLE_IMAGES
+from dymu.thresholds import encoder_fingerprint
 
 IMAGES = [SAMPLE_IMAGES / "chelsea.jpg", SAMPLE_IMAGES / "astronaut.jpg", SAMPLE_IMAGES / "hubble_deep_field.jpg"]
 QUESTIONS = ["What animal is this?", "Who is in the picture and what is this person wearing?", "Is it night?"]
@@ -16,7 +17,7 @@ QUESTIONS = ["What animal is this?", "Who is in the picture and what is this per
 def merge_nothing(pipe) -> dymu.Thresholds:
     vision = pipe.model.config.vision_config
     # scores are cosine similarities clamped to [-1, 1] and the rule is strict (>), so 1.0 merges nothing
-    return dymu.Thresholds(values=[1.0] * vision.num_hidden_layers, encoder=dymu.encoder_fingerprint(vision),
+    return dymu.Thresholds(values=[1.0] * vision.num_hidden_layers, encoder=encoder_fingerprint(vision),
                            num_layers=vision.num_hidden_layers, feature_layer=-2)
 
 

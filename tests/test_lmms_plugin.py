@@ -6,8 +6,7 @@ Run in an environment with ``pip install -e ".[dev,lmms]"`` (CI does, in a separ
 import pytest
 from PIL import Image
 
-import dymu  # noqa: F401 - first: on CPU-only torch it lets torchvision (imported by lmms_eval) load
-import llava
+import llava  # conftest.py has called dymu.prepare_cpu_torchvision(): torchvision (imported by lmms_eval) loads
 from conftest import SAMPLE_IMAGES
 
 lmms_eval_models = pytest.importorskip("lmms_eval.models")
@@ -23,7 +22,7 @@ def request(i, question, until=None):
 
 def test_registered_through_the_entry_point_and_generates_offline(tiny_path):
     cls = lmms_eval_models.get_model("dymu_llava")  # found via the lmms_eval.models entry point
-    assert cls.__module__ == "llava.lmms_plugin"
+    assert cls.__module__ == "eval.lmms_plugin"
     mid = str(tiny_path / "thresholds" / "mid.json")
     model = cls(pretrained=str(tiny_path), dymu=mid, batch_size=2)
     images = [Image.open(SAMPLE_IMAGES / name).convert("RGB") for name in ("chelsea.jpg", "coffee.jpg", "moon.jpg")]

@@ -8,7 +8,9 @@ from PIL import Image
 import dymu
 import llava
 from conftest import SAMPLE_IMAGES, uniform_thresholds
-from llava.onevision import _MIXED, _NEWLINE, build_onevision_prompt, virtual_layout
+from dymu.thresholds import encoder_fingerprint
+from llava.onevision import _MIXED, _NEWLINE, virtual_layout
+from llava.prompts import build_onevision_prompt
 
 QUESTION = "What is this?"
 
@@ -168,7 +170,7 @@ def test_anyres_crops_in_one_batch_equal_each_crop_alone(tiny_ov_path):
     n = vis.num_hidden_layers
     # the random tiny SigLIP's keys are very similar (its calibrated thresholds are ~0.99): a high threshold
     # leaves the crops with different lengths
-    merging = dymu.Thresholds(values=[0.99] * n, encoder=dymu.encoder_fingerprint(vis), num_layers=n, feature_layer=-1)
+    merging = dymu.Thresholds(values=[0.99] * n, encoder=encoder_fingerprint(vis), num_layers=n, feature_layer=-1)
     pipe = llava.load_model(tiny_ov_path, dymu=merging, vtu=True)
     crops = pipe.crops(photo("chelsea")).to(pipe.dtype)
     assert crops.shape[0] > 2  # base image + grid crops

@@ -23,7 +23,7 @@ from PIL import Image
 import dymu
 import llava
 from conftest import REPO, SAMPLE_IMAGES
-from dymu.thresholds import PACKAGED_DIR, Thresholds, ThresholdsError
+from dymu.thresholds import PACKAGED_DIR, EncoderSpec, Thresholds, ThresholdsError
 from eval.benchmarks.sample import SampleBenchmark
 from eval.main import check_config, evaluate, make_generate
 from eval.runner import read_predictions, run_benchmark
@@ -35,12 +35,12 @@ GOOD = ["chelsea", "astronaut", "coffee"]
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     """A DYMU cache dir: the tiny LLaVA-1.5 and hand-written (valid) low / mid / high thresholds for it."""
-    from llava.tiny import ensure_tiny_llava15
+    from eval.tiny import ensure_tiny_llava15
 
     cache = tmp_path_factory.mktemp("robust_cache")
     path = ensure_tiny_llava15(cache / "llava15_tiny")
     vision = json.loads((path / "config.json").read_text())["vision_config"]
-    spec = dymu.EncoderSpec.from_config(llava.load_model(path, vtu=False).model.config.vision_config)
+    spec = EncoderSpec.from_config(llava.load_model(path, vtu=False).model.config.vision_config)
     for variant, value in {"low": 0.8, "mid": 0.9, "high": 0.97}.items():
         Thresholds(values=[value] * vision["num_hidden_layers"], encoder=spec.fingerprint,
                    num_layers=spec.num_layers, feature_layer=-2, source="tests (hand-written)").save(
@@ -251,7 +251,7 @@ def test_nan_pixels_and_float_video_frames_are_refused(pipe):
 
 
 def test_onevision_placeholders_must_match_the_images(tmp_path):
-    from llava.tiny import build_tiny_llava_onevision
+    from eval.tiny import build_tiny_llava_onevision
 
     ov = llava.load_model(build_tiny_llava_onevision(tmp_path / "ov"), vtu=False)
     image = SAMPLE_IMAGES / "coffee.jpg"
@@ -467,7 +467,7 @@ def test_find_thresholds_refuses_an_existing_file_unless_overwrite(cache, tmp_pa
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from llava.calibrate import calibrate_from_config
+    from eval.calibrate import calibrate_from_config
 
     images = tmp_path / "images"
     images.mkdir()

@@ -9,8 +9,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from llava import tiny
-from llava.tiny import MARKER_FILE, build_tiny_llava15, build_tiny_tokenizer, ensure_tiny_llava15
+from eval import tiny
+from eval.tiny import MARKER_FILE, build_tiny_llava15, build_tiny_tokenizer, ensure_tiny_llava15
 
 PROMPT = "USER: <image>\nWhat animal is this? ASSISTANT:"
 NUM_IMAGE_TOKENS = 576  # (336 / 14) ** 2 patches; CLS dropped by the "default" strategy
@@ -128,7 +128,7 @@ def test_build_leaves_global_rng_alone(tmp_path):
 
 def test_ensure_builds_once(tmp_path, monkeypatch, caplog):
     path = tmp_path / "cache" / "tiny"
-    with caplog.at_level(logging.INFO, logger="llava.tiny"):
+    with caplog.at_level(logging.INFO, logger="eval.tiny"):
         assert ensure_tiny_llava15(path) == path
     assert (path / "config.json").is_file()
     assert "building" in caplog.text
@@ -139,7 +139,7 @@ def test_ensure_builds_once(tmp_path, monkeypatch, caplog):
 
     monkeypatch.setattr(tiny, "build_tiny_llava15", fail)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="llava.tiny"):
+    with caplog.at_level(logging.INFO, logger="eval.tiny"):
         assert ensure_tiny_llava15(str(path)) == path
     assert "reusing" in caplog.text
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 import llava
 from conftest import REPO, SAMPLE_IMAGES, uniform_thresholds
-from dymu import vis
+from dymu import dtome_settings, vis
 from test_scripts import run_script
 
 IMAGES = [SAMPLE_IMAGES / "astronaut.jpg", SAMPLE_IMAGES / "moon.jpg", SAMPLE_IMAGES / "text.jpg"]
@@ -22,7 +22,7 @@ def test_feature_layer_groups_are_the_tokens_the_llm_gets(pipe):
     pixels = pipe.preprocess(IMAGES)
     groups = vis.merge_groups(pipe.tower, pixels)
     encoded = pipe.encode_images(pixels)
-    assert groups.layer == pipe.tower._dymu.num_layers - 1 and groups.has_cls
+    assert groups.layer == dtome_settings(pipe.tower).num_layers - 1 and groups.has_cls
     assert groups.num_groups == encoded.num_tokens and groups.num_tokens == [k + 1 for k in encoded.num_tokens]
     for labels, group_index in zip(groups.labels, encoded.group_index):
         # same partition of the 24 x 24 patches, and both numbered by first patch in raster order
@@ -31,7 +31,7 @@ def test_feature_layer_groups_are_the_tokens_the_llm_gets(pipe):
 
 def test_groups_coarsen_layer_by_layer(pipe):
     pixels = pipe.preprocess(IMAGES[:2])
-    n_run = pipe.tower._dymu.num_layers
+    n_run = dtome_settings(pipe.tower).num_layers
     per_layer = [vis.merge_groups(pipe.tower, pixels, layer) for layer in range(n_run)]
     assert [g.layer for g in per_layer] == list(range(n_run))
     assert vis.merge_groups(pipe.tower, pixels, -1).num_groups == per_layer[-1].num_groups
@@ -45,7 +45,7 @@ def test_groups_coarsen_layer_by_layer(pipe):
 
 def test_merge_groups_errors(pipe, tiny_path):
     pixels = pipe.preprocess(IMAGES[:1])
-    n_run = pipe.tower._dymu.num_layers
+    n_run = dtome_settings(pipe.tower).num_layers
     with pytest.raises(ValueError, match=rf"layer must be in \[-{n_run}, {n_run - 1}\]"):
         vis.merge_groups(pipe.tower, pixels, n_run)
     with pytest.raises(ValueError, match="patched with dymu.apply_dtome"):
