@@ -38,13 +38,23 @@ class OutputLockedError(RuntimeError):
     """Another process is writing into the output folder."""
 
 
-def _owner(folder: Path) -> str:
-    try:
-        owner = json.loads((folder / OWNER_NAME).read_text(encoding="utf-8"))
-        return (f"pid {owner['pid']} on {owner['host']}, started {owner['started']}: "
-                f"{owner['command']}")
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process (its owner file is unreadable)"
+OWNER_WAIT_S = 2.0
+"""How long a refused run waits for the holder's owner file: the holder writes it just after taking the lock."""
+
+
+def _owner(folder: Path, wait_s: float = OWNER_WAIT_S) -> str:
+    """Who holds ``folder``, from its owner file; read again for up to ``wait_s`` seconds while it is missing or
+    partial (the holder may have taken the lock and not written it yet)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            owner = json.loads((folder / OWNER_NAME).read_text(encoding="utf-8"))
+            return (f"pid {owner['pid']} on {owner['host']}, started {owner['started']}: "
+                    f"{owner['command']}")
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() >= deadline:
+                return "another process (its owner file is unreadable)"
+            time.sleep(0.05)
 
 
 @contextmanager
@@ -79,4 +89,5 @@ def output_lock(folder: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         del _held[folder]
+        (folder / OWNER_NAME).unlink(missing_ok=True)  # no stale owner for the next refused run to report
         lock.release()

@@ -386,6 +386,29 @@ def test_output_lock_owner_file_is_written_and_the_lock_released(tmp_path):
     assert time.perf_counter() - start < 60
 
 
+def test_a_refused_run_names_a_holder_that_has_not_written_its_owner_file_yet(tmp_path):
+    """The holder writes its owner file just after taking the lock; a run refused in between waits for it
+    instead of reporting an unreadable owner (the race that made two simultaneous eval commands flaky)."""
+    from filelock import FileLock
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / ".dymu.lock.owner.json").write_text('{"pid": 1, "host": "stale"')  # a torn leftover
+    with FileLock(folder / ".dymu.lock", timeout=0):  # held, owner not written yet
+        late = threading.Timer(0.3, lambda: (folder / ".dymu.lock.owner.json").write_text(json.dumps(
+            {"pid": 4242, "host": "h", "started": "now", "command": "python scripts/eval.py"})))
+        late.start()
+        try:
+            with pytest.raises(OutputLockedError, match="is in use by pid 4242 on h"):
+                with output_lock(folder):
+                    pass
+        finally:
+            late.join()
+    with output_lock(folder):
+        pass
+    assert not (folder / ".dymu.lock.owner.json").exists()  # released: no owner left for the next run to report
+
+
 def test_atomic_writes_name_the_file_when_the_disk_refuses_and_keep_the_old_content(tmp_path):
     """A file-size limit (RLIMIT_FSIZE) makes the OS refuse the write with EFBIG, which names no file by itself."""
     target = tmp_path / "metrics.json"
