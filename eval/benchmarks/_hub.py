@@ -17,7 +17,8 @@ from typing import Any
 
 from dymu.atomic import write_bytes_atomic
 
-__all__ = ["cache_file", "cache_file_name", "cache_image_bytes", "default_cache", "hub_image_feature", "load_dataset"]
+__all__ = ["cache_dir", "cache_file", "cache_file_name", "cache_image_bytes", "default_cache", "hub_image_feature",
+           "load_dataset"]
 
 # Ids used as file names unchanged (so caches written before stay valid): letters, digits, "_", "-" and
 # ".", not starting with "." (no hidden files, no "." / ".."), at most 128 characters.
@@ -32,6 +33,12 @@ def default_cache(name: str) -> Path:
     """
     root = os.environ.get("DYMU_CACHE_DIR") or str(Path.home() / ".cache" / "dymu")
     return Path(root) / "benchmarks" / name
+
+
+def cache_dir(image_cache_dir: str | os.PathLike[str] | None, name: str) -> Path:
+    """The folder where benchmark ``name`` writes the images it decodes from Hub data: ``image_cache_dir`` when
+    given (not empty), else :func:`default_cache` ``(name)``; not resolved, not created."""
+    return Path(image_cache_dir) if image_cache_dir else default_cache(name)
 
 
 def cache_file_name(row_id: object, suffix: str) -> str:

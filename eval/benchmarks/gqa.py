@@ -24,14 +24,14 @@ articles dropped), a superset of that clean-up.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import string
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample, check_limit, data_path, iter_jsonl
+from eval.benchmarks.base import (Benchmark, Sample, check_data_folder, check_limit, data_path, iter_jsonl,
+                                  load_json, load_local_or_hub)
 from eval.metrics import mean
 
 __all__ = ["GQABenchmark", "normalize_gqa_answer", "gqa_match"]
@@ -105,17 +105,13 @@ class GQABenchmark(Benchmark):
         check_limit(limit)
         self.hub_id = hub_id
         self.allow_external_images = bool(allow_external_images)
-        if data_dir is not None:
-            self.data_dir: Path | None = Path(data_dir).resolve()
-            self._samples = _load_local(self.data_dir, self.hub_id, self.allow_external_images)
-            source = str(self.data_dir)
-        elif hub_id:
-            self.data_dir = None
-            cache = (Path(image_cache_dir) if image_cache_dir else _hub.default_cache(self.name)).resolve()
-            self._samples = _load_hub(hub_id, cache)
-            source = hub_id
-        else:
-            raise ValueError(f"GQABenchmark needs data_dir (a folder with {QUESTIONS_FILE}) or hub_id")
+        self._samples, self.data_dir = load_local_or_hub(
+            data_dir, hub_id,
+            lambda local: _load_local(local, self.hub_id, self.allow_external_images),
+            lambda hub: _load_hub(hub, _hub.cache_dir(image_cache_dir, self.name).resolve()),
+            f"GQABenchmark needs data_dir (a folder with {QUESTIONS_FILE}) or hub_id", resolve=True,
+        )
+        source = str(self.data_dir) if self.data_dir is not None else hub_id
         if limit is not None:
             self._samples = self._samples[:limit]
         logger.info("loaded %d GQA questions from %s", len(self._samples), source)
@@ -144,9 +140,7 @@ def _first_existing(data_dir: Path, name: str) -> Path | None:
 
 
 def _load_local(data_dir: Path, hub_id: str | None, allow_external_images: bool = False) -> list[Sample]:
-    if not data_dir.is_dir():
-        hub = f", or set data_dir=null (benchmark.task.data_dir=null) to load {hub_id} from the Hub" if hub_id else ""
-        raise FileNotFoundError(f"GQA data folder {data_dir} does not exist; {DOWNLOAD_HINT} into it{hub}")
+    check_data_folder(data_dir, "GQA", DOWNLOAD_HINT, hub_id)
     questions_path = _first_existing(data_dir, QUESTIONS_FILE)
     if questions_path is None:
         raise FileNotFoundError(
@@ -195,12 +189,7 @@ def _meta(entry: dict) -> dict:
 
 def _read_official_questions(path: Path) -> dict[str, dict]:
     """question_id -> entry of the official questions JSON, validated."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(
-            f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); re-download {QUESTIONS_FILE}"
-        ) from exc
+    data = load_json(path, f"re-download {QUESTIONS_FILE}")
     if not isinstance(data, dict):
         raise ValueError(
             f"{path}: expected a JSON object mapping question ids to questions, got {type(data).__name__}"

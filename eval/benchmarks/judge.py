@@ -33,7 +33,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from eval.benchmarks.base import Benchmark, Sample, check_limit
+from eval.benchmarks.base import Benchmark, Sample, check_limit, load_local_or_hub
 from eval.redaction import redact
 
 __all__ = ["DEFAULT_BASE_URL", "DEFAULT_MODEL", "JudgeClient", "JudgeError", "JudgedBenchmark", "make_judge"]
@@ -265,12 +265,10 @@ class JudgedBenchmark(Benchmark):
         self.judge = make_judge(judge)
         self._hub = None
         self.allow_external_images = bool(allow_external_images)
-        if data_dir is not None:
-            self._samples = self._read_local(Path(data_dir), self.allow_external_images)
-        elif hub_id:
-            self._samples = self._load_hub(hub_id)
-        else:
-            raise ValueError(f"{type(self).__name__} needs data_dir ({self.data_hint}) or hub_id")
+        self._samples, _ = load_local_or_hub(
+            data_dir, hub_id, lambda local: self._read_local(local, self.allow_external_images), self._load_hub,
+            f"{type(self).__name__} needs data_dir ({self.data_hint}) or hub_id",
+        )
         self._by_id = {s.id: s for s in self._samples}
         if limit is not None:
             self._samples = self._samples[:limit]

@@ -42,7 +42,7 @@ from PIL import Image, UnidentifiedImageError
 
 from dymu.atomic import atomic_path, write_bytes_atomic
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample, check_limit
+from eval.benchmarks.base import Benchmark, Sample, check_data_file, check_limit, load_local_or_hub
 from eval.benchmarks.choices import (
     MULTIPLE_CHOICE_PROMPT,
     accuracy_by,
@@ -147,22 +147,13 @@ class MMBenchBenchmark(Benchmark):
     ) -> None:
         check_limit(limit)
         self.circular = circular
-        if data_dir is not None:
-            path = Path(data_dir) / TSV_FILE
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{path} not found; download {TSV_URL} into {Path(data_dir).resolve()} "
-                    f"(or pass data_dir=null to load the Hugging Face dataset {hub_id!r})"
-                )
-            cache = Path(image_cache_dir) if image_cache_dir else Path(data_dir) / ".images"
-            questions = _read_tsv(path, cache, limit)
-            source = str(path)
-        else:
-            if not hub_id:
-                raise ValueError("pass data_dir= a folder holding the MMBench TSV, or hub_id= a dataset id")
-            cache = Path(image_cache_dir) if image_cache_dir else _hub.default_cache("mmbench")
-            questions = _read_hub(hub_id, hub_config, hub_split, cache, limit)
-            source = f"{hub_id} ({hub_config}, {hub_split})"
+        questions, folder = load_local_or_hub(
+            data_dir, hub_id,
+            lambda local: _read_local(local, image_cache_dir, limit, hub_id),
+            lambda hub: _read_hub(hub, hub_config, hub_split, _hub.cache_dir(image_cache_dir, self.name), limit),
+            "pass data_dir= a folder holding the MMBench TSV, or hub_id= a dataset id",
+        )
+        source = str(folder / TSV_FILE) if folder is not None else f"{hub_id} ({hub_config}, {hub_split})"
         self._samples = [s for question in questions for s in self._expand(question)]
         self._by_id = {s.id: s for s in self._samples}
         logger.info("MMBench: %d questions, %d samples from %s", len(questions), len(self._samples), source)
@@ -234,6 +225,15 @@ class MMBenchBenchmark(Benchmark):
         metrics.update(accuracy_by(correct, [first[g].meta["category"] for g in results], "category"))
         metrics.update(accuracy_by(correct, [first[g].meta["l2_category"] for g in results], "l2-category"))
         return metrics
+
+
+def _read_local(data_dir: Path, image_cache_dir: str | None, limit: int | None, hub_id: str | None) -> list[dict]:
+    """Questions of ``data_dir``'s official TSV, their images written to ``image_cache_dir`` (default
+    ``data_dir/.images``)."""
+    path = data_dir / TSV_FILE
+    check_data_file(path, data_dir, f"download {TSV_URL}", hub_id)
+    cache = Path(image_cache_dir) if image_cache_dir else data_dir / ".images"
+    return _read_tsv(path, cache, limit)
 
 
 def _read_tsv(path: Path, cache: Path, limit: int | None) -> list[dict]:

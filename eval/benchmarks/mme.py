@@ -30,7 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample, check_limit
+from eval.benchmarks.base import Benchmark, Sample, check_limit, load_local_or_hub
 
 __all__ = ["COGNITION", "PERCEPTION", "MMEBenchmark", "mme_yes_no"]
 
@@ -98,12 +98,10 @@ class MMEBenchmark(Benchmark):
             raise ValueError(f"unknown MME subtask(s) {unknown}; choose from {list(SUBTASKS)}")
         wanted = tuple(subtasks) if subtasks else SUBTASKS
         self._hub = None
-        if data_dir is not None:
-            self._samples = _load_local(Path(data_dir), wanted)
-        elif hub_id:
-            self._samples = self._load_hub(hub_id, wanted)
-        else:
-            raise ValueError("MMEBenchmark needs data_dir (the MME_Benchmark_release_version folder) or hub_id")
+        self._samples, _ = load_local_or_hub(
+            data_dir, hub_id, lambda local: _load_local(local, wanted), lambda hub: self._load_hub(hub, wanted),
+            "MMEBenchmark needs data_dir (the MME_Benchmark_release_version folder) or hub_id",
+        )
         self._by_id = {s.id: s for s in self._samples}
         if limit is not None:
             self._samples = self._samples[:limit]

@@ -37,7 +37,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample, check_limit, data_path, iter_jsonl
+from eval.benchmarks.base import (Benchmark, Sample, check_data_folder, check_limit, data_path, iter_jsonl,
+                                  load_local_or_hub)
 
 __all__ = ["POPEBenchmark", "SPLITS", "pope_answer", "pope_metrics"]
 
@@ -143,17 +144,13 @@ class POPEBenchmark(Benchmark):
         if unknown or not self.splits or len(set(self.splits)) != len(self.splits):
             raise ValueError(f"splits must be distinct names among {list(SPLITS)}, got {list(self.splits)}")
         self.hub_id = hub_id
-        if data_dir is not None:
-            self.data_dir: Path | None = Path(data_dir).resolve()
-            by_split = _load_local(self.data_dir, self.splits, hub_id, self.allow_external_images)
-            source = str(self.data_dir)
-        elif hub_id:
-            self.data_dir = None
-            cache = (Path(image_cache_dir) if image_cache_dir else _hub.default_cache(self.name)).resolve()
-            by_split = _load_hub(hub_id, self.splits, cache)
-            source = hub_id
-        else:
-            raise ValueError("POPEBenchmark needs data_dir (a folder with coco_pope_<split>.json files) or hub_id")
+        by_split, self.data_dir = load_local_or_hub(
+            data_dir, hub_id,
+            lambda local: _load_local(local, self.splits, hub_id, self.allow_external_images),
+            lambda hub: _load_hub(hub, self.splits, _hub.cache_dir(image_cache_dir, self.name).resolve()),
+            "POPEBenchmark needs data_dir (a folder with coco_pope_<split>.json files) or hub_id", resolve=True,
+        )
+        source = str(self.data_dir) if self.data_dir is not None else hub_id
         self._samples = [s for split in self.splits for s in by_split[split][:limit]]
         logger.info("loaded %d POPE questions (%s) from %s", len(self._samples), ", ".join(self.splits), source)
 
@@ -212,9 +209,7 @@ def _split_of(record: dict) -> str:
 
 def _load_local(data_dir: Path, splits: tuple[str, ...], hub_id: str | None,
                 allow_external_images: bool = False) -> dict[str, list[Sample]]:
-    if not data_dir.is_dir():
-        hub = f", or set data_dir=null (benchmark.task.data_dir=null) to load {hub_id} from the Hub" if hub_id else ""
-        raise FileNotFoundError(f"POPE data folder {data_dir} does not exist; {DOWNLOAD_HINT} into it{hub}")
+    check_data_folder(data_dir, "POPE", DOWNLOAD_HINT, hub_id)
     images_dir = data_dir / IMAGES_DIR
     by_split = {}
     for split in splits:

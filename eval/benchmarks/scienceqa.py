@@ -29,15 +29,14 @@ scorer picks a random option instead).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
 
 from dymu.atomic import atomic_path
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample, check_limit, data_path
+from eval.benchmarks.base import (Benchmark, Sample, check_data_file, check_limit, data_path, load_json,
+                                  load_local_or_hub)
 from eval.benchmarks.choices import (
     MULTIPLE_CHOICE_PROMPT,
     accuracy_by,
@@ -98,15 +97,13 @@ class ScienceQABenchmark(Benchmark):
     ) -> None:
         check_limit(limit)
         self.allow_external_images = bool(allow_external_images)
-        if data_dir is not None:
-            self._samples = _read_local(Path(data_dir), limit, hub_id, self.allow_external_images)
-            source = str(Path(data_dir) / PROBLEMS_FILE)
-        else:
-            if not hub_id:
-                raise ValueError(f"pass data_dir= a folder holding {PROBLEMS_FILE}, or hub_id= a dataset id")
-            cache = Path(image_cache_dir) if image_cache_dir else _hub.default_cache(self.name)
-            self._samples = _read_hub(hub_id, hub_config, hub_split, cache, limit)
-            source = f"{hub_id} ({hub_config}, {hub_split})"
+        self._samples, folder = load_local_or_hub(
+            data_dir, hub_id,
+            lambda local: _read_local(local, limit, hub_id, self.allow_external_images),
+            lambda hub: _read_hub(hub, hub_config, hub_split, _hub.cache_dir(image_cache_dir, self.name), limit),
+            f"pass data_dir= a folder holding {PROBLEMS_FILE}, or hub_id= a dataset id",
+        )
+        source = str(folder / PROBLEMS_FILE) if folder is not None else f"{hub_id} ({hub_config}, {hub_split})"
         self._by_id = {s.id: s for s in self._samples}
         logger.info("ScienceQA-IMG: %d questions from %s", len(self._samples), source)
 
@@ -143,28 +140,17 @@ def _grade_band(grade: str) -> str:
     return "G1-6" if int(found.group(1)) <= 6 else "G7-12"
 
 
-def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); use the official file") from exc
-
-
 def _read_local(data_dir: Path, limit: int | None, hub_id: str | None,
                 allow_external_images: bool = False) -> list[Sample]:
     path = data_dir / PROBLEMS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found; {DOWNLOAD_HINT} into {data_dir.resolve()} "
-            f"(or pass data_dir=null to load the Hugging Face dataset {hub_id!r})"
-        )
-    problems = _load_json(path)
+    check_data_file(path, data_dir, DOWNLOAD_HINT, hub_id)
+    problems = load_json(path, "use the official file")
     if not isinstance(problems, dict):
         raise ValueError(f"{path}: expected a JSON object {{problem id: problem}}, got {type(problems).__name__}")
 
     splits_path = data_dir / SPLITS_FILE
     if splits_path.is_file():
-        splits = _load_json(splits_path)
+        splits = load_json(splits_path, "use the official file")
         if not isinstance(splits, dict) or not isinstance(splits.get("test"), list):
             raise ValueError(f"{splits_path}: expected a JSON object with a 'test' list of problem ids")
         unknown = [pid for pid in splits["test"] if str(pid) not in problems]

@@ -24,14 +24,14 @@ evaluation dimension (question type). Answers are read with
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from dymu.atomic import atomic_path
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample, check_limit, data_path
+from eval.benchmarks.base import (Benchmark, Sample, check_data_file, check_limit, data_path, load_json,
+                                  load_local_or_hub)
 from eval.benchmarks.choices import (
     MULTIPLE_CHOICE_PROMPT,
     accuracy_by,
@@ -107,15 +107,13 @@ class SEEDBenchmark(Benchmark):
     ) -> None:
         check_limit(limit)
         self.allow_external_images = bool(allow_external_images)
-        if data_dir is not None:
-            self._samples = _read_local(Path(data_dir), limit, hub_id, self.allow_external_images)
-            source = str(Path(data_dir) / JSON_FILE)
-        else:
-            if not hub_id:
-                raise ValueError(f"pass data_dir= a folder holding {JSON_FILE}, or hub_id= a dataset id")
-            cache = Path(image_cache_dir) if image_cache_dir else _hub.default_cache(self.name)
-            self._samples = _read_hub(hub_id, hub_config, hub_split, cache, limit)
-            source = f"{hub_id} ({hub_split})"
+        self._samples, folder = load_local_or_hub(
+            data_dir, hub_id,
+            lambda local: _read_local(local, limit, hub_id, self.allow_external_images),
+            lambda hub: _read_hub(hub, hub_config, hub_split, _hub.cache_dir(image_cache_dir, self.name), limit),
+            f"pass data_dir= a folder holding {JSON_FILE}, or hub_id= a dataset id",
+        )
+        source = str(folder / JSON_FILE) if folder is not None else f"{hub_id} ({hub_split})"
         self._by_id = {s.id: s for s in self._samples}
         logger.info("SEED-Bench: %d image questions from %s", len(self._samples), source)
 
@@ -145,15 +143,8 @@ class SEEDBenchmark(Benchmark):
 def _read_local(data_dir: Path, limit: int | None, hub_id: str | None,
                 allow_external_images: bool = False) -> list[Sample]:
     path = data_dir / JSON_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found; {DOWNLOAD_HINT} into {data_dir.resolve()} "
-            f"(or pass data_dir=null to load the Hugging Face dataset {hub_id!r})"
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); use the official file") from exc
+    check_data_file(path, data_dir, DOWNLOAD_HINT, hub_id)
+    data = load_json(path, "use the official file")
     if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
         raise ValueError(f"{path}: expected a JSON object with a 'questions' list (and a 'question_type' table)")
     table = data.get("question_type", QUESTION_TYPES)

@@ -25,12 +25,12 @@ Metric: the standard VQA accuracy (%), see :mod:`eval.benchmarks.vqa_accuracy`.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample, check_limit, data_path
+from eval.benchmarks.base import (Benchmark, Sample, check_data_folder, check_limit, data_path, load_json,
+                                  load_local_or_hub)
 from eval.benchmarks.vqa_accuracy import vqa_accuracy
 from eval.metrics import mean
 
@@ -86,17 +86,13 @@ class TextVQABenchmark(Benchmark):
         self.use_ocr = bool(use_ocr)
         self.hub_id = hub_id
         self.allow_external_images = bool(allow_external_images)
-        if data_dir is not None:
-            self.data_dir: Path | None = Path(data_dir).resolve()
-            self._samples = _load_local(self.data_dir, self.use_ocr, hub_id, self.allow_external_images)
-            source = str(self.data_dir)
-        elif hub_id:
-            self.data_dir = None
-            cache = (Path(image_cache_dir) if image_cache_dir else _hub.default_cache(self.name)).resolve()
-            self._samples = _load_hub(hub_id, cache)
-            source = hub_id
-        else:
-            raise ValueError(f"TextVQABenchmark needs data_dir (a folder with {QUESTIONS_FILE}) or hub_id")
+        self._samples, self.data_dir = load_local_or_hub(
+            data_dir, hub_id,
+            lambda local: _load_local(local, self.use_ocr, hub_id, self.allow_external_images),
+            lambda hub: _load_hub(hub, _hub.cache_dir(image_cache_dir, self.name).resolve()),
+            f"TextVQABenchmark needs data_dir (a folder with {QUESTIONS_FILE}) or hub_id", resolve=True,
+        )
+        source = str(self.data_dir) if self.data_dir is not None else hub_id
         if limit is not None:
             self._samples = self._samples[:limit]
         logger.info("loaded %d TextVQA questions from %s (OCR in prompt: %s)", len(self._samples), source, self.use_ocr)
@@ -121,10 +117,7 @@ class TextVQABenchmark(Benchmark):
 
 def _read_json_data(path: Path) -> list:
     """The ``data`` list of an official TextVQA JSON file."""
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); re-download {path.name}") from exc
+    content = load_json(path, f"re-download {path.name}")
     if not isinstance(content, dict) or not isinstance(content.get("data"), list):
         raise ValueError(f'{path}: expected a JSON object with a "data" list, as in the official release')
     return content["data"]
@@ -151,9 +144,7 @@ def _read_ocr(path: Path) -> dict[str, list[str]]:
 def _load_local(
     data_dir: Path, use_ocr: bool, hub_id: str | None, allow_external_images: bool = False
 ) -> list[Sample]:
-    if not data_dir.is_dir():
-        hub = f", or set data_dir=null (benchmark.task.data_dir=null) to load {hub_id} from the Hub" if hub_id else ""
-        raise FileNotFoundError(f"TextVQA data folder {data_dir} does not exist; {DOWNLOAD_HINT} into it{hub}")
+    check_data_folder(data_dir, "TextVQA", DOWNLOAD_HINT, hub_id)
     path = data_dir / QUESTIONS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{data_dir} has no {QUESTIONS_FILE}; {DOWNLOAD_HINT}")

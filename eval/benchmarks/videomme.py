@@ -40,7 +40,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from eval.benchmarks import _hub
-from eval.benchmarks.base import Benchmark, Sample, check_limit, data_path
+from eval.benchmarks.base import Benchmark, Sample, check_limit, data_path, load_local_or_hub
 
 __all__ = ["VideoMMEBenchmark", "extract_choice", "uniform_indices"]
 
@@ -135,19 +135,11 @@ class VideoMMEBenchmark(Benchmark):
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         self.num_frames = num_frames
-        if data_dir is not None:
-            data_path = Path(data_dir)
-            if not data_path.is_dir():
-                raise FileNotFoundError(
-                    f"Video-MME data_dir {data_path} does not exist; download lmms-lab/Video-MME (videomme/*.parquet "
-                    "and the videos_chunked_*.zip, unzipped into data/) and pass data_dir= that folder"
-                )
-            rows = _read_rows(Path(questions_file) if questions_file else _find_questions(data_path))
-        elif hub_id:
-            rows = _read_hub(hub_id)
-        else:
-            raise ValueError("VideoMMEBenchmark needs data_dir or hub_id")
-        root = Path(video_dir) if video_dir is not None else (Path(data_dir) if data_dir is not None else None)
+        rows, folder = load_local_or_hub(
+            data_dir, hub_id, lambda local: _read_local(local, questions_file), _read_hub,
+            "VideoMMEBenchmark needs data_dir or hub_id",
+        )
+        root = Path(video_dir) if video_dir is not None else folder
         if root is None:
             raise ValueError(
                 "the Video-MME videos are not part of the Hugging Face questions: download and unzip "
@@ -172,7 +164,7 @@ class VideoMMEBenchmark(Benchmark):
     def visual_inputs(self, sample: Sample) -> list:
         """``[llava.Video(frames)]``: ``num_frames`` frames sampled uniformly from the frames folder (paths) or
         decoded from the video file with PyAV (PIL images)."""
-        from llava.model import Video
+        from llava.images import Video
 
         path = Path(sample.video_path)
         if path.is_dir():
@@ -283,6 +275,16 @@ def _find_video(root: Path, video: str) -> str | None:
         if path.is_file():
             return str(path.resolve())
     return None
+
+
+def _read_local(data_dir: Path, questions_file: str | None) -> list[tuple[dict, str]]:
+    """The question rows of the local copy in ``data_dir`` (from ``questions_file`` when given)."""
+    if not data_dir.is_dir():
+        raise FileNotFoundError(
+            f"Video-MME data_dir {data_dir} does not exist; download lmms-lab/Video-MME (videomme/*.parquet "
+            "and the videos_chunked_*.zip, unzipped into data/) and pass data_dir= that folder"
+        )
+    return _read_rows(Path(questions_file) if questions_file else _find_questions(data_dir))
 
 
 def _find_questions(data_dir: Path) -> Path:
