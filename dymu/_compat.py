@@ -21,7 +21,7 @@ def prepare_cpu_torchvision() -> bool:
     operators exist, and when called again. ``import dymu`` does not call it (``import dymu`` does not import
     transformers either): call it explicitly, first, in a program that imports transformers' image classes or
     open_clip in such an environment. DyMU's entry points do (``scripts/_bootstrap.py``, ``tests/conftest.py``,
-    ``llava/lmms_plugin.py``). It must run before torchvision is first imported; afterwards it is too late.
+    ``eval/lmms_plugin.py``). It must run before torchvision is first imported; afterwards it is too late.
 
     Returns:
         True if the schemas were defined by this call.

@@ -18,7 +18,7 @@ import torch
 
 from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 
-from llava import DyMULlava, DyMULlavaOnevision
+from llava import DyMULlava, DyMULlavaOnevision, DyMUPipeline
 from llava.onevision import OnevisionProcessor
 
 from . import tiny
@@ -70,7 +70,7 @@ def build_random(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
     seed: int = 0,
-) -> DyMULlava:
+) -> DyMUPipeline:
     """A random-weight LLaVA model at ``shape``, without DyMU applied (apply it with :mod:`dymu`).
 
     Args:

@@ -343,7 +343,7 @@ def run_benchmark(
     """Measure every variant on every image, interleaved over ``rounds``.
 
     Args:
-        pipe: :class:`~llava.llava15.DyMULlava` without DyMU applied (it is patched and restored here).
+        pipe: a :class:`~llava.pipeline.DyMUPipeline` without DyMU applied (it is patched and restored here).
         variants: what to compare; must include ``off`` (the reference).
         images: name -> PIL image.
         thresholds: level -> :class:`dymu.Thresholds` for the ``threshold`` variants.

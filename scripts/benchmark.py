@@ -4,7 +4,7 @@
     python scripts/benchmark.py shape=llava15_7b llm_layers=null device=cuda   # the whole 7B on a GPU
     python scripts/benchmark.py shape=llava_ov_7b images=[astronaut,coffee]
 
-Random weights at real shapes (llava/shapes.py); thresholds calibrated on the same model with the
+Random weights at real shapes (eval/shapes.py); thresholds calibrated on the same model with the
 find_thresholds code. Writes results.json, results.md and results.png to `output_dir`. Config:
 hydra_conf/speed.yaml; what is measured: eval/speed.py.
 """
