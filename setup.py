@@ -41,8 +41,9 @@ setup(
         # open_clip needs torchvision; keep it out of the main environment on CPU-only machines (transformers'
         # image classes break with PyPI's torchvision there; see dymu.prepare_cpu_torchvision).
         "openclip": ["open_clip_torch>=3.0", "torchvision"],
-        # lmms-eval plugin (eval.lmms_plugin); install with hydra-core in one pip call (antlr4 stays at 4.9).
-        "lmms": ["lmms-eval==0.7.3", "decord"],
+        # lmms-eval plugin (eval.lmms_plugin; importing the eval package needs hydra-core): one pip call keeps
+        # antlr4 at the 4.9 that hydra-core needs.
+        "lmms": ["lmms-eval==0.7.3", "decord", "hydra-core>=1.3,<1.4"],
         "dev": [
             "hydra-core>=1.3,<1.4",
             "wandb",

@@ -23,6 +23,7 @@ as LLaVA-1.5 does; 0 where it keeps every token).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -76,8 +77,9 @@ class VisualBudget:
             if value is not None and not isinstance(value, int):
                 object.__setattr__(self, name, tuple(value))  # frozen and hashable
         scale = self.threshold_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < scale < math.inf):
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (0 < float(scale) < math.inf):
             raise ValueError(f"threshold_scale must be a positive finite number, got {scale!r}.")
+        object.__setattr__(self, "threshold_scale", float(scale))
 
     @classmethod
     def coerce(cls, value: "VisualBudget | Mapping | None") -> "VisualBudget":
@@ -182,10 +184,13 @@ class _Plan:
                            num_layers=self.num_layers, has_cls=self.has_cls)
 
 
+_NO_DTOME = ("a visual-token budget needs DToMe in the vision tower (dymu.apply_dtome; llava: dymu=low|mid|high or "
+             "a ToMe variant); this model runs the unmodified encoder.")
+
+
 def _plan(tower: torch.nn.Module, budget: VisualBudget, batch_size: int, dropped_tokens: int) -> _Plan:
     if not is_patched(tower):
-        raise ValueError("a visual-token budget needs DToMe in the vision tower (dymu.apply_dtome; llava: "
-                         "dymu=low|mid|high or a ToMe variant); this model runs the unmodified encoder.")
+        raise ValueError(_NO_DTOME)
     settings = dtome_settings(tower)
     n0, has_cls = vision_token_count(tower)
     rule = _scaled(settings.rule, float(budget.threshold_scale))
@@ -202,6 +207,12 @@ def _plan(tower: torch.nn.Module, budget: VisualBudget, batch_size: int, dropped
 def check_budget(tower: torch.nn.Module, budget: VisualBudget | Mapping | None, batch_size: int = 1, *,
                  dropped_tokens: int = 0) -> VisualBudget:
     """Validate ``budget`` against a tower without encoding anything (e.g. a pipeline's default budget).
+
+    Args:
+        tower: the vision tower the budget will be applied to (a default budget needs no DToMe).
+        budget: the budget (or a mapping of its fields, or None).
+        batch_size: images per request the per-image bounds are checked for.
+        dropped_tokens: see :func:`encode_under_budget`.
 
     Returns:
         the budget as a :class:`VisualBudget`.
@@ -256,12 +267,14 @@ def encode_under_budget(tower: torch.nn.Module, pixel_values: torch.Tensor,
         :class:`BudgetedOutput`.
 
     Raises:
-        ValueError: a budget on a tower without DToMe; a ``threshold_scale`` other than 1 with a non-threshold
+        ValueError: a tower without DToMe; a ``threshold_scale`` other than 1 with a non-threshold
             rule; a ``max_visual_tokens`` below what the encoder can reach, a ``min_visual_tokens`` above its
             token count or above ``max_visual_tokens``; per-image bounds whose number differs from the batch.
             All raised before the tower runs.
     """
     budget = VisualBudget.coerce(budget)
+    if not is_patched(tower):
+        raise ValueError(_NO_DTOME)
     batch = pixel_values.shape[0]
     if budget.is_default:
         tokens, groups = _per_image_output(tower(pixel_values))

@@ -318,8 +318,10 @@ class MergeRule(Protocol):
     Called as ``rule(layer, scores, lengths)`` with ``layer`` the 0-based encoder layer, ``scores`` the
     ``(B, Na)`` output of :func:`bipartite_match` and ``lengths`` the ``(B,)`` long count of real tokens each
     image holds entering the merge (:attr:`TokenState.lengths`); returns a ``(B, Na)`` bool mask. A rule gets
-    everything it needs as arguments: none keeps state between calls, so one rule object serves any number
-    of forward passes (ToMe's patch keeps per-call counts on the module instead).
+    everything it needs for its decision as arguments: its choice depends on no earlier call, so one rule object
+    serves any number of forward passes (ToMe's patch keeps per-call counts on the module instead). A rule may
+    record what it saw without deciding from it (calibration's :class:`~dymu.calibration.BatchBudgetRule`
+    accumulates each layer's threshold).
     """
 
     def __call__(self, layer: int, scores: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor: ...

@@ -310,7 +310,7 @@ def calibrate(
                    "model": str(getattr(config, "_name_or_path", "")),
                    "weights_sha256": weights_identity(pipe.tower, layers_to_run(spec.num_layers,
                                                                                 config.vision_feature_layer)),
-                   "feature_layer": config.vision_feature_layer, "image_aspect_ratio": getattr(pipe, "image_aspect_ratio", None),
+                   "feature_layer": config.vision_feature_layer, "image_aspect_ratio": _aspect_ratio(pipe),
                    "dtype": str(next(pipe.tower.parameters()).dtype).removeprefix("torch.")}
             ckpt = CalibrationCheckpoint(_rank_file(Path(checkpoint), rank, world), run, restart=restart)
         except (CheckpointError, OSError) as err:
@@ -341,7 +341,7 @@ def calibrate(
             "seed": seed,
             "batch_size": batch_size,
             "world_size": world,
-            "image_aspect_ratio": getattr(pipe, "image_aspect_ratio", None),
+            "image_aspect_ratio": _aspect_ratio(pipe),
             "images": len(used),
             "images_listed": len(listed),
             "unreadable_images": {"count": len(bad), "max_unreadable_fraction": fraction,
@@ -349,6 +349,13 @@ def calibrate(
             **record,
         },
     )
+
+
+def _aspect_ratio(pipe: DyMUPipeline) -> str:
+    """The preprocessing recorded with thresholds and checkpoints: LLaVA-1.5's ``image_aspect_ratio``; ``"crop"``
+    for a family without the setting (LLaVA-OneVision resizes its AnyRes crops; recorded so before the family
+    split, which keeps its checkpoints resumable)."""
+    return getattr(pipe, "image_aspect_ratio", "crop")
 
 
 def _settings(cfg: Mapping) -> dict:

@@ -4,8 +4,9 @@ No Hydra import here: any mapping with the documented keys works.
 
 ``model`` keys: ``name``, ``name_or_path``, ``build`` (``"tiny_llava15"`` / ``"tiny_llava_onevision"`` to
 create an embedded tiny model and its thresholds on first use, else null), ``dtype``, ``attn_implementation``,
-``image_aspect_ratio`` (LLaVA-1.5), ``layout`` and ``video_pooling`` (LLaVA-OneVision), ``thresholds`` (variant -> file or
-packaged name).
+``thresholds`` (variant -> file or packaged name), and the families' own options, passed to
+:func:`llava.load_model` when set (:func:`llava.loading.family_options`: ``image_aspect_ratio`` for LLaVA-1.5,
+``layout`` and ``video_pooling`` for LLaVA-OneVision).
 ``dymu`` keys: ``name``, ``mode`` (``off`` | ``threshold`` | ``tome``), ``variant`` (threshold mode),
 ``target_tokens`` (tome mode), ``vtu`` (bool), ``vtu_cache`` (``merged`` | ``expanded``).
 """
@@ -21,6 +22,7 @@ import torch
 from dymu.budget import VisualBudget
 from dymu.thresholds import PACKAGED_DIR, ThresholdsError
 from llava import load_model
+from llava.loading import family_options
 from llava.pipeline import DyMUPipeline
 
 from .tiny import ensure_embedded
@@ -83,9 +85,7 @@ def load_from_config(model_cfg: Mapping, dymu_cfg: Mapping, device: str = "cpu",
         dtype=dtype,
         device=device,
         attn_implementation=model_cfg.get("attn_implementation"),
-        image_aspect_ratio=model_cfg.get("image_aspect_ratio", "pad"),
-        layout=model_cfg.get("layout", "faithful"),
-        video_pooling=model_cfg.get("video_pooling", "merge"),
+        **{key: model_cfg[key] for key in sorted(family_options()) if model_cfg.get(key) is not None},
         budget=VisualBudget.coerce(budget),
     )
     if mode == "off":

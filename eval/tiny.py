@@ -65,6 +65,7 @@ IMAGE_TOKEN = "<image>"
 """The image placeholder; a special token, so it always encodes to exactly one id."""
 
 MARKER_FILE = "dymu_tiny.json"
+"""Name of the marker written next to the weights, saying they are random."""
 
 LLAVA15_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -96,7 +97,6 @@ ONEVISION_CHAT_TEMPLATE = (
 """The tiny LLaVA-OneVision's chat template (Jinja, written here): Qwen2's chat format, visual items (each
 followed by a newline) before the text (tests check it renders exactly what
 :func:`llava.prompts.build_onevision_prompt` writes)."""
-"""Name of the marker written next to the weights, saying they are random."""
 
 TOKENIZER_VOCAB_SIZE = 1000
 """Target size of the trained BPE vocabulary (specials and the 256 byte symbols included)."""

@@ -57,7 +57,8 @@ class DyMULlava(DyMUPipeline):
 
     def format_prompt(self, question: str, inputs: Sequence[ImageLike | Video]) -> str:
         """The checkpoint's chat template with the vicuna_v1 system sentence, else :func:`~llava.prompts.build_prompt`."""
-        templated = chat_prompt(self.processor, question, ["<image>"] * len(inputs), system=SYSTEM_VICUNA_V1)
+        templated = chat_prompt(self.processor, question, ["<image>"] * len(inputs), system=SYSTEM_VICUNA_V1,
+                                marks=self.placeholders)
         return templated if templated is not None else build_prompt(question, num_images=len(inputs))
 
     def visual_positions(self, inputs: Sequence[ImageLike | Video]) -> tuple[int, bool]:

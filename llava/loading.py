@@ -22,7 +22,7 @@ from dymu.thresholds import PACKAGED_DIR, Thresholds, ThresholdsError
 
 from .pipeline import FAMILIES, DyMUPipeline, family_for
 
-__all__ = ["load_model", "resolve_thresholds"]
+__all__ = ["load_model", "resolve_thresholds", "family_options"]
 
 
 def resolve_thresholds(dymu: Thresholds | str | os.PathLike | None) -> Thresholds | None:
@@ -47,7 +47,8 @@ def resolve_thresholds(dymu: Thresholds | str | os.PathLike | None) -> Threshold
         ) from err
 
 
-def _family_options() -> set[str]:
+def family_options() -> set[str]:
+    """The constructor keywords of every registered family (what :func:`load_model` takes as ``**options``)."""
     return {name for family in FAMILIES.values() for name in family.options}
 
 
@@ -101,10 +102,10 @@ def load_model(
         NotImplementedError: a checkpoint of a model type no family serves.
         TypeError: an option no family takes.
     """
-    unknown = sorted(set(options) - _family_options())
+    unknown = sorted(set(options) - family_options())
     if unknown:
         raise TypeError(f"load_model got unknown keyword arguments {unknown}; family options are "
-                        f"{sorted(_family_options())}.")
+                        f"{sorted(family_options())}.")
     if local_files_only is None:
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     kwargs = dict(local_files_only=local_files_only)

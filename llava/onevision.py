@@ -189,7 +189,7 @@ class DyMULlavaOnevision(DyMUPipeline):
         """The checkpoint's chat template, else the Qwen2 chat prompt LLaVA-OneVision was trained with
         (:func:`~llava.prompts.build_onevision_prompt`); ``<video>`` for :class:`~llava.images.Video` inputs."""
         placeholders = ["<video>" if isinstance(x, Video) else "<image>" for x in inputs]
-        templated = chat_prompt(self.processor, question, placeholders, system=QWEN_SYSTEM)
+        templated = chat_prompt(self.processor, question, placeholders, system=QWEN_SYSTEM, marks=self.placeholders)
         return templated if templated is not None else build_onevision_prompt(question, placeholders)
 
     def visual_positions(self, inputs: Sequence[ImageLike | Video]) -> tuple[int, bool]:
@@ -248,6 +248,13 @@ class DyMULlavaOnevision(DyMUPipeline):
 
     def _encode_images(self, groups: list[list[Image.Image]],
                        budget: VisualBudget) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Encode the images of the prompts that have any (per prompt, its images): a single image gets its
+        AnyRes crops, several get their base crop each (as the unmodified model).
+
+        Returns:
+            per image, in order: ``(n_i, C)`` merged tokens in first-position order and the ``(V_i,)`` virtual
+            group map of its layout (``layout``).
+        """
         if not groups:
             return []
         processed = self.image_processor(groups, return_tensors="pt")
@@ -271,6 +278,12 @@ class DyMULlavaOnevision(DyMUPipeline):
         return out
 
     def _encode_video(self, video: Video, budget: VisualBudget) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode a video's ``F`` frames (each as the base view, 384x384) in one tower batch.
+
+        Returns:
+            ``(n, C)`` merged tokens in first-position order and the ``(V,)`` virtual group map: ``F * 729 + 1``
+            positions with ``video_pooling="merge"``, ``F * 196 + 1`` with ``"pool"`` (the last one the newline).
+        """
         frames = self.image_processor([video.images()], return_tensors="pt")["pixel_values"][:, 0]  # (F, 3, H, W)
         (feats,), (frame_ids,) = self._encode_crops(frames, [frames.shape[0]], budget)
         newline = torch.tensor([_NEWLINE], device=frame_ids.device)

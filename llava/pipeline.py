@@ -16,7 +16,11 @@ What differs between model families lives in one module per family (``llava/llav
 - :meth:`~DyMUPipeline.format_prompt`, :meth:`~DyMUPipeline.visual_positions`, :meth:`~DyMUPipeline.crops`,
   :meth:`~DyMUPipeline.encode_prompt_images`.
 
-It registers itself with :func:`register_family`. The pipeline here never names a family.
+It registers itself with :func:`register_family`. The pipeline here never names a family; its messages name
+the registered ones. It does assume a LLaVA-shaped transformers model: ``model.model.vision_tower`` and
+``model.model.multi_modal_projector``, ``config.vision_feature_layer`` / ``vision_feature_select_strategy``,
+``config.image_token_id`` (and ``video_token_id``), ``config.text_config.max_position_embeddings``, and an
+LLM that takes ``inputs_embeds`` with ``position_ids`` (VTU: a RoPE decoder :func:`dymu.apply_vtu` patches).
 
 Shapes: B prompts, L_m merged length, L virtual length, C LLM width, V_i virtual positions of input i, n_i its
 merged tokens.
@@ -57,12 +61,25 @@ def register_family(cls: type["DyMUPipeline"]) -> type["DyMUPipeline"]:
 
     Raises:
         ValueError: a model type another family already serves.
+        TypeError: ``cls`` is no :class:`DyMUPipeline`, or lacks ``display_name``, ``model_types`` or ``model_class``.
     """
+    if not (isinstance(cls, type) and issubclass(cls, DyMUPipeline)):
+        raise TypeError(f"register_family takes a DyMUPipeline subclass, got {cls!r}.")
+    missing = [name for name in ("display_name", "model_types", "model_class") if not getattr(cls, name)]
+    if missing:
+        raise TypeError(f"{cls.__name__} must set {', '.join(missing)} (see the family interface in "
+                        "docs/architecture.md).")
     for model_type in cls.model_types:
         if FAMILIES.get(model_type, cls) is not cls:
             raise ValueError(f"model type {model_type!r} is served by {FAMILIES[model_type].__name__} already.")
         FAMILIES[model_type] = cls
     return cls
+
+
+def _families_with(feature: str) -> str:
+    """The display names of the registered families that have ``feature`` (a class attribute), for messages."""
+    names = [f.display_name for f in dict.fromkeys(FAMILIES.values()) if getattr(f, feature)]
+    return " / ".join(names) or "no registered family"
 
 
 def family_for(model_type: str) -> type["DyMUPipeline"]:
@@ -291,11 +308,13 @@ class DyMUPipeline(abc.ABC):
         budget = self.budget if budget is None else VisualBudget.coerce(budget)
         if budget.has_bounds and not self.supports_token_bounds:
             raise NotImplementedError(
-                f"max_visual_tokens / min_visual_tokens are exact for LLaVA-1.5 only; with {self.display_name} an "
-                "input's visual tokens span more than its encoder tokens (crops, newline tokens, downsampling), so "
-                "encoder-side bounds would not be exact in LLM tokens. Use threshold_scale to trade tokens for detail.")
+                f"max_visual_tokens / min_visual_tokens are exact for {_families_with('supports_token_bounds')} "
+                f"only; with {self.display_name} an input's visual tokens span more than its encoder tokens (crops, "
+                "newline tokens, downsampling), so encoder-side bounds would not be exact in LLM tokens. Use "
+                "threshold_scale to trade tokens for detail.")
         return budget
 
+    @torch.no_grad()
     def encode_tower(self, pixel_values: torch.Tensor,
                      budget: VisualBudget) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Run the vision tower (DToMe under ``budget`` if applied) on a batch of images, crops or frames.
@@ -361,8 +380,8 @@ class DyMUPipeline(abc.ABC):
             if isinstance(item, Video) and not self.supports_video:
                 raise TypeError(
                     f"prompt {index}, input {i} is a llava.Video ({item.num_frames} frames), but {type(self).__name__} "
-                    f"({self.display_name}) takes images only: use a LLaVA-OneVision model for video, or pass the "
-                    "frames as images (video.images(), one '<image>' each)."
+                    f"({self.display_name}) takes images only: use a {_families_with('supports_video')} model for "
+                    "video, or pass the frames as images (video.images(), one '<image>' each)."
                 )
 
     def _check_question(self, question: object, inputs: Sequence, index: int | None = None) -> None:
@@ -605,6 +624,7 @@ class DyMUPipeline(abc.ABC):
 
         Raises:
             ValueError: the model runs without DToMe; an invalid budget.
+            NotImplementedError: token bounds on a family without them.
         """
         if not is_patched(self.tower):
             raise ValueError("merge maps need DToMe in the vision tower (load with dymu=low|mid|high or ToMe).")

@@ -14,10 +14,14 @@ hand-written formats below, which tests check equal to the templates the embedde
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Sequence
 
 __all__ = ["SYSTEM_VICUNA_V1", "QWEN_SYSTEM", "IMAGE_PLACEHOLDER", "VIDEO_PLACEHOLDER", "build_prompt",
            "build_onevision_prompt", "chat_prompt", "chat_template_of", "check_text", "require_question"]
+
+logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
@@ -51,7 +55,7 @@ def build_prompt(question: str, num_images: int = 1, system: str = SYSTEM_VICUNA
             they are (their count must match the images passed later; the tokenizer reads every
             ``<image>`` as an image slot, so the literal text cannot be asked about); otherwise
             ``num_images`` placeholders are put before it, each followed by a newline, as LLaVA-1.5 does.
-            (``DyMULlava.prompt`` also refuses a question whose placeholders do not match its images.)
+            (``DyMUPipeline.prompt`` also refuses a question whose placeholders do not match its images.)
         num_images: images the prompt refers to.
         system: the system sentence.
 
@@ -98,13 +102,20 @@ def chat_template_of(processor) -> str | None:
     return None
 
 
-def chat_prompt(processor, question: str, placeholders: Sequence[str], system: str | None = None) -> str | None:
+def chat_prompt(processor, question: str, placeholders: Sequence[str], system: str | None = None,
+                marks: Sequence[str] = (IMAGE_PLACEHOLDER,)) -> str | None:
     """One-turn prompt rendered with the checkpoint's own chat template, ending where the answer starts.
 
     The conversation is the one transformers' multimodal templates take: an optional system message, then a
     user message whose content is one ``{"type": "image"}`` / ``{"type": "video"}`` item per placeholder (in
     order) and the question as a text item; rendered with ``add_generation_prompt=True``, untokenised. A
-    question that already holds its placeholders gets no visual items (the template would add more).
+    question that already holds its placeholders (any of ``marks``) gets no visual items (the template would
+    add more).
+
+    The rendered prompt must hold exactly ``placeholders``, in order (the slots the inputs fill). Templates that
+    group items by type (llava-hf's LLaVA-OneVision template writes every ``<image>`` before every ``<video>``)
+    cannot place a prompt of images and videos interleaved; then None is returned and the caller uses its
+    hand-written format, which keeps the input order (logged once per template).
 
     Args:
         processor: the checkpoint's processor (or any object with ``.tokenizer``); its ``chat_template`` is
@@ -112,19 +123,38 @@ def chat_prompt(processor, question: str, placeholders: Sequence[str], system: s
         question: the user's text.
         placeholders: ``"<image>"`` / ``"<video>"`` per visual input, in order.
         system: the system message, or None for none.
+        marks: the placeholders the family's tokenizer reads as slots (LLaVA-1.5: ``<image>`` only).
 
     Returns:
-        The prompt, or None when the checkpoint ships no chat template (use the hand-written format then).
+        The prompt, or None when the checkpoint ships no chat template or its template cannot place the inputs
+        in order (use the hand-written format then).
     """
     template = chat_template_of(processor)
     if template is None:
         return None
-    has_own = IMAGE_PLACEHOLDER in question or VIDEO_PLACEHOLDER in question
+    has_own = any(mark in question for mark in marks)
     items = [] if has_own else [{"type": p.strip("<>")} for p in placeholders]
     messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system is not None else []
     messages.append({"role": "user", "content": [*items, {"type": "text", "text": question}]})
-    return processor.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                   add_generation_prompt=True)
+    rendered = processor.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                       add_generation_prompt=True)
+    expected = _slots(question, marks) if has_own else list(placeholders)
+    if _slots(rendered, marks) != expected:
+        if template not in _MISPLACING:
+            _MISPLACING.add(template)
+            logger.warning("the checkpoint's chat template does not place %s in input order (it wrote %s); "
+                           "such prompts use the hand-written format", expected, _slots(rendered, marks))
+        return None
+    return rendered
+
+
+_MISPLACING: set[str] = set()  # templates already reported by chat_prompt
+
+
+def _slots(text: str, marks: Sequence[str]) -> list[str]:
+    """The placeholders in ``text``, in order of appearance."""
+    pattern = "|".join(re.escape(mark) for mark in marks)
+    return re.findall(pattern, text) if pattern else []
 
 
 def check_text(name: str, text: object) -> None:

@@ -128,6 +128,26 @@ def test_budget_needs_dtome_and_scale_needs_thresholds(tiny_path):
     assert tome.encode_images(tome.preprocess(IMAGES[:2]), budget={"max_visual_tokens": 50}).num_tokens == [50, 50]
 
 
+def test_a_request_budget_on_a_model_without_dtome_is_refused_not_ignored(tiny_path):
+    """Before the budget became one entry, a per-request budget on the unmodified encoder was dropped silently."""
+    plain = llava.load_model(tiny_path, dymu=None, vtu=False)
+    with pytest.raises(ValueError, match="needs DToMe"):
+        plain.generate(["What is it?"], IMAGES[:1], max_new_tokens=1, budget={"max_visual_tokens": 64})
+    with pytest.raises(ValueError, match="needs DToMe"):
+        plain.encode_images(plain.preprocess(IMAGES[:1]), budget={"threshold_scale": 1.1})
+    assert plain.encode_images(plain.preprocess(IMAGES[:1])).num_tokens == [576]  # no budget: the stock encoder
+
+
+def test_threshold_scale_takes_any_real_number_and_is_stored_as_float():
+    import numpy as np
+
+    assert llava.VisualBudget(threshold_scale=np.float32(1.25)).threshold_scale == 1.25
+    assert type(llava.VisualBudget(threshold_scale=2).threshold_scale) is float
+    for bad in ("1.1", True, float("inf"), -1.0):
+        with pytest.raises(ValueError, match="positive finite"):
+            llava.VisualBudget(threshold_scale=bad)
+
+
 def test_onevision_takes_threshold_scale_only(tiny_ov_path):
     vision = llava.load_model(tiny_ov_path, vtu=False).model.config.vision_config
     thresholds = uniform_thresholds(vision, 0.6, feature_layer=-1)

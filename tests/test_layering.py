@@ -251,6 +251,7 @@ _TOY_BREAKS = [
     ("kernels", "dymu/kv_cache.py", "from transformers.cache_utils import Cache\n", "dymu.kv_cache -> transformers"),
     ("dymu-no-apps", "dymu/vis.py", "def g():\n    import wandb\n", "dymu.vis -> wandb"),
     ("acyclic", "dymu/atomic.py", "from .checkpoint import load\n", "No cycles are allowed in dymu."),
+    ("llava-no-apps", "llava/__init__.py", "def h():\n    import omegaconf\n", "llava -> omegaconf"),
 ]
 
 

@@ -70,3 +70,28 @@ def test_the_checkpoint_template_is_the_one_used_and_its_absence_falls_back(pipe
         bare = with_template(model, None)
         assert chat_template_of(bare.processor) is None
         assert bare.prompt(question, [IMAGE]) == fallback
+
+
+GROUPING_TEMPLATE = (  # written here: renders every image item before every video item, as some templates do
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\\n' }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'video' %}{{ '<video>\\n' }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_a_template_that_cannot_keep_the_input_order_falls_back_and_the_prompt_still_runs(ov):
+    grouping = with_template(ov, GROUPING_TEMPLATE)
+    inputs = [IMAGE, video(), IMAGE]
+    prompt = grouping.prompt("What changes?", inputs)
+    assert prompt == build_onevision_prompt("What changes?", ["<image>", "<video>", "<image>"])
+    assert grouping.build_inputs([prompt], [inputs]).visual_tokens[0] > 0  # the slots match the inputs
+    same_kind = [IMAGE, IMAGE]
+    assert grouping.prompt("Compare.", same_kind) == build_onevision_prompt("Compare.", 2)  # in order: both agree
+
+
+def test_a_literal_video_tag_in_a_llava15_question_is_text_not_a_slot(pipe):
+    question = "What does <video> mean in HTML?"
+    assert pipe.prompt(question, [IMAGE]) == build_prompt(question)
+    assert pipe.prompt(question, [IMAGE]).count("<image>") == 1

@@ -1,4 +1,4 @@
-"""Merge maps (dymu.vis), DyMULlava.merge_map and scripts/chat.py."""
+"""Merge maps (dymu.vis), DyMUPipeline.merge_map and scripts/chat.py."""
 
 import numpy as np
 import pytest
