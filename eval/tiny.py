@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import uuid
 from pathlib import Path
@@ -556,8 +557,9 @@ def ensure_tiny_thresholds(path: str | os.PathLike, targets: dict[str, int] | No
 
     Runs :func:`dymu.find_thresholds` on :func:`export_calibration_images`, each image as the pipeline's
     :meth:`~llava.pipeline.DyMUPipeline.crops` gives it (deployment preprocessing), in batches of 16 images
-    (LLaVA-1.5) or 4 (LLaVA-OneVision, several crops each) in file-name order; the realised token count is
-    measured on the same batches. Existing files are kept.
+    (LLaVA-1.5) or 4 (LLaVA-OneVision, several crops each) shuffled with seed 0 as ``scripts/find_thresholds.py``
+    batches them, so the values equal that driver's; the realised token count is measured on the same batches.
+    Existing files are kept.
 
     Args:
         path: the tiny checkpoint (see :func:`ensure_tiny_llava15` / :func:`ensure_tiny_llava_onevision`).
@@ -578,7 +580,9 @@ def ensure_tiny_thresholds(path: str | os.PathLike, targets: dict[str, int] | No
         images = export_calibration_images(path / "calibration_images")
         pipe = load_model(path, dymu=None, vtu=False, dtype=torch.float32, local_files_only=True)
         per_batch = 16 if pipe.model.config.model_type == "llava" else 4  # OneVision: several crops per image
-        crops = [pipe.crops(image) for image in images]  # (n_crops, 3, H, W) each
+        order = list(range(len(images)))
+        random.Random(0).shuffle(order)  # diverse batches, in the calibration driver's order for its default seed 0
+        crops = [pipe.crops(images[i]) for i in order]  # (n_crops, 3, H, W) each
         batches = [torch.cat(crops[i : i + per_batch]) for i in range(0, len(crops), per_batch)]
         config = pipe.model.config
         for variant, target in todo.items():
