@@ -91,10 +91,10 @@ def find_thresholds(
 
     Args:
         vision_model: any tower :func:`dymu.apply_dtome` supports, patched or not (left as it was):
-            transformers ``CLIPVisionModel`` (CLS token) or ``SiglipVisionModel`` (no CLS); open_clip's
-            ``VisionTransformer`` (``CLIP.visual``, CLS token); or timm's ``VisionTransformer`` (e.g. the trunk
-            of open_clip's ``TimmModel`` SigLIP towers, ``model.visual.trunk``; CLS token if it has one
-            prefix token). Not a LLaVA model: pass its vision tower. open_clip / timm towers need the
+            transformers ``CLIPVisionModel`` / ``Dinov2Model`` (CLS token) or ``SiglipVisionModel`` (no
+            CLS); open_clip's ``VisionTransformer`` (``CLIP.visual``, CLS token); or timm's
+            ``VisionTransformer`` (e.g. the trunk of open_clip's ``TimmModel`` SigLIP towers,
+            ``model.visual.trunk``; CLS token if it has one prefix token). Not a LLaVA model: pass its vision tower. open_clip / timm towers need the
             ``openclip`` extra.
         batches: iterable of ``(B, 3, H, W)`` preprocessed pixel batches (``H, W`` the tower's image size;
             preprocess as at deployment), moved to the tower's device and dtype here. ``B`` may vary between

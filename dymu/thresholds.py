@@ -68,6 +68,7 @@ _IDENTITY_NAMES = (
     ("embeddings.patch_embedding.weight", "encoder.layers.{i}.self_attn.k_proj.weight", None),
     ("conv1.weight", "transformer.resblocks.{i}.attn.in_proj_weight", 1),
     ("patch_embed.proj.weight", "blocks.{i}.attn.qkv.weight", 1),
+    ("embeddings.patch_embeddings.projection.weight", "encoder.layer.{i}.attention.k_proj.weight", None),  # DINOv2
 )
 
 
@@ -84,7 +85,7 @@ def weights_identity(vision_model: torch.nn.Module, num_layers: int) -> str | No
     projection weight (for fused q/k/v weights, their key rows) of block ``0`` and of block ``num_layers - 1``
     (the first and last layers the thresholds cover, i.e. the first and last layers run at calibration). They
     are found by parameter name (``named_parameters``, relative to the tower), so any tower family in
-    ``_IDENTITY_NAMES`` is covered: transformers ``CLIPVisionModel`` / ``SiglipVisionModel`` and open_clip /
+    ``_IDENTITY_NAMES`` is covered: transformers ``CLIPVisionModel`` / ``SiglipVisionModel`` / ``Dinov2Model`` and open_clip /
     timm ``VisionTransformer`` towers. Cost: one CPU copy and hash of three ``~C^2``-sized tensors (~2.6M values
     for ViT-L).
 

@@ -90,7 +90,7 @@ def output_cache(out):
 # Not here: torch-only kernels (test_merge*), input handling (test_robustness), the speed benchmark and merge
 # maps, which reach transformers only through the modules below.
 HOST_INTERNALS = {
-    "test_budget", "test_calibrate", "test_compat", "test_determinism", "test_dtome_clip", "test_dtome_siglip",
+    "test_budget", "test_calibrate", "test_compat", "test_determinism", "test_dtome_clip", "test_dtome_dinov2", "test_dtome_siglip",
     "test_float64", "test_hostile_prompts", "test_kv_cache", "test_llava", "test_onevision", "test_thresholds_identity",
     "test_tiny_llava", "test_vtu",
 }

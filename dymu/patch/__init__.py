@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from types import ModuleType
 
 import torch.nn as nn
 from transformers.models.clip import modeling_clip
+from transformers.models.dinov2 import modeling_dinov2
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.siglip import modeling_siglip
 
 from ..merge import FixedRRule, MergeRule, ThresholdRule
 from ..thresholds import EncoderSpec, Thresholds
+from . import dinov2 as _dinov2
 from . import llama as _llama
 from . import vit as _vit
 from ._host import TESTED_TRANSFORMERS, cache_keyword, check_transformers_version
@@ -21,10 +25,28 @@ __all__ = ["TESTED_TRANSFORMERS", "cache_keyword", "check_transformers_version",
 
 logger = logging.getLogger(__name__)
 
-# host vision model class -> (its DToMe mixin, host module (eager attention), token 0 is a never-merged CLS)
+@dataclass(frozen=True)
+class _VitHost:
+    """How DToMe patches one transformers ViT family: the mixin of each module, where the blocks and their
+    attention live, the host module (its ``eager_attention_forward``) and whether token 0 is a never-merged CLS."""
+
+    model: type
+    layer: type
+    attention: type
+    module: ModuleType
+    has_cls: bool
+    blocks: str = "layers"  # attribute of the encoder holding the blocks
+    attention_attr: str = "self_attn"  # attribute of a block holding its attention
+
+
 _VIT_HOSTS = {
-    modeling_clip.CLIPVisionModel: (_vit.DToMeCLIPVisionModelMixin, modeling_clip, True),
-    modeling_siglip.SiglipVisionModel: (_vit.DToMeSiglipVisionModelMixin, modeling_siglip, False),
+    modeling_clip.CLIPVisionModel: _VitHost(_vit.DToMeCLIPVisionModelMixin, _vit.DToMeEncoderLayerMixin,
+                                            _vit.DToMeAttentionMixin, modeling_clip, has_cls=True),
+    modeling_siglip.SiglipVisionModel: _VitHost(_vit.DToMeSiglipVisionModelMixin, _vit.DToMeEncoderLayerMixin,
+                                                _vit.DToMeAttentionMixin, modeling_siglip, has_cls=False),
+    modeling_dinov2.Dinov2Model: _VitHost(_dinov2.DToMeDinov2ModelMixin, _dinov2.DToMeDinov2LayerMixin,
+                                          _dinov2.DToMeDinov2AttentionMixin, modeling_dinov2, has_cls=True,
+                                          blocks="layer", attention_attr="attention"),
 }
 # host decoder class -> (attention class, host module for RoPE / eager functions)
 _DECODER_HOSTS = {
@@ -43,14 +65,15 @@ def encoder_spec(vision_model: nn.Module) -> EncoderSpec:
         from . import open_clip as _oc
 
         return _oc.encoder_spec(vision_model)
-    has_cls = _host_entry(vision_model, _VIT_HOSTS)[2]
-    return EncoderSpec.from_config(vision_model.config, has_cls=has_cls)
+    host = _host_entry(vision_model, _VIT_HOSTS)  # first: raises for an unsupported module
+    return EncoderSpec.from_config(vision_model.config, has_cls=host.has_cls)
 
 
 def vision_token_count(vision_model: nn.Module) -> tuple[int, bool]:
     """``(N0, has_cls)``: tokens per image before merging and whether token 0 is a protected CLS token.
 
-    577 and True for CLIP ViT-L/14-336; 729 and False for SigLIP so400m/14-384.
+    577 and True for CLIP ViT-L/14-336; 729 and False for SigLIP so400m/14-384; 257 and True for the testbed's
+    DINOv2 ViT-S/14 at 224 px.
 
     Raises:
         NotImplementedError: not a supported vision model.
@@ -161,7 +184,7 @@ def apply_dtome(
     """Patch the vision encoder of ``model`` in place with DToMe (or fixed-r ToMe).
 
     Args:
-        model: a ``CLIPVisionModel`` / ``SiglipVisionModel`` or a model containing one
+        model: a ``CLIPVisionModel`` / ``SiglipVisionModel`` / ``Dinov2Model`` or a model containing one
             (``LlavaForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``).
         thresholds: per-layer thresholds (:class:`~dymu.Thresholds`, validated against the encoder; a
             weights identity that differs from the tower's is logged as a WARNING, see
@@ -204,13 +227,14 @@ def apply_dtome(
 
         _oc.patch(tower, _vit.DToMeSettings(rule, n_run, spec.has_cls))
     else:
-        model_mixin, host_module, protect_first = _host_entry(tower, _VIT_HOSTS)
-        settings = _vit.DToMeSettings(rule, n_run, protect_first)
-        swap_class(tower, model_mixin, _dymu=settings)
-        swap_class(tower.encoder, _vit.DToMeEncoderMixin, _dymu=settings)
-        for layer in tower.encoder.layers:
-            swap_class(layer, _vit.DToMeEncoderLayerMixin)
-            swap_class(layer.self_attn, _vit.DToMeAttentionMixin, _dymu_eager=host_module.eager_attention_forward)
+        host = _host_entry(tower, _VIT_HOSTS)
+        settings = _vit.DToMeSettings(rule, n_run, host.has_cls)
+        swap_class(tower, host.model, _dymu=settings)
+        swap_class(tower.encoder, _vit.DToMeEncoderMixin, _dymu=settings, _dymu_blocks=host.blocks)
+        for layer in getattr(tower.encoder, host.blocks):
+            swap_class(layer, host.layer)
+            swap_class(getattr(layer, host.attention_attr), host.attention,
+                       _dymu_eager=host.module.eager_attention_forward)
     logger.info("DToMe applied to %s: %d of %d layers run, rule %s", type(tower).__name__, n_run,
                 spec.num_layers, type(rule).__name__)
     return model

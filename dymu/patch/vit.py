@@ -18,7 +18,7 @@ from transformers.models.clip import modeling_clip
 
 from ..merge import MergeRule, TokenState, attention_bias, bipartite_match, merge_tokens
 
-__all__ = ["DToMeEncoderOutput", "DToMeVisionOutput"]
+__all__ = ["DToMeEncoderOutput", "DToMeVisionOutput", "attention_with_metric"]
 
 
 @dataclass
@@ -82,30 +82,47 @@ def run_layers(layers, layer_forward, x: torch.Tensor, settings: "DToMeSettings"
     return x, state, hidden_states
 
 
+def attention_with_metric(module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, out_proj,
+                          scaling: float, dropout: float, eager: Callable, **kwargs):
+    """Self-attention of a ViT block that also returns the DToMe merge metric.
+
+    Args:
+        module: the host attention module (``q_proj`` / ``k_proj`` / ``v_proj``, ``head_dim``, ``config``).
+        hidden_states: ``(B, N, C)`` normalised tokens.
+        attention_mask: the additive proportional-attention / padding bias ``(B, 1, 1, N)``, or None.
+        out_proj: the host's output projection.
+        scaling: logit scale (``head_dim ** -0.5``); dropout: attention dropout probability (0 in eval).
+        eager: the host module's ``eager_attention_forward`` (used when the attention implementation is eager).
+
+    Returns:
+        ``(out (B, N, C), weights or None, metric (B, N, D))``: the metric is the keys averaged over heads, taken
+        from the same key projection the attention uses (no second projection). The kernel is chosen through
+        ``ALL_ATTENTION_FUNCTIONS`` (eager / sdpa / flash), as the host does.
+    """
+    bsz, n, _ = hidden_states.shape
+    heads = (bsz, n, -1, module.head_dim)
+    q = module.q_proj(hidden_states).view(heads).transpose(1, 2)  # (B, H, N, D)
+    k = module.k_proj(hidden_states).view(heads).transpose(1, 2)
+    v = module.v_proj(hidden_states).view(heads).transpose(1, 2)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager)
+    out, weights = attention(module, q, k, v, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return out_proj(out.reshape(bsz, n, -1).contiguous()), weights, k.mean(dim=1)
+
+
 class DToMeAttentionMixin:
     """Encoder self-attention that also returns the merge metric.
 
     Modifications (vs ``CLIPAttention.forward``):
-        - returns a third value: the keys averaged over heads, ``(B, N, D)`` — the DToMe metric, taken
-          from the same key projection the attention uses (no second projection);
+        - returns a third value: the keys averaged over heads, ``(B, N, D)`` — the DToMe metric
+          (:func:`attention_with_metric`);
         - ``attention_mask`` may be the additive proportional-attention bias ``(B, 1, 1, N)``.
-    The kernel is still chosen through ``ALL_ATTENTION_FUNCTIONS`` (eager / sdpa / flash).
     """
 
     _dymu_eager: Callable = staticmethod(modeling_clip.eager_attention_forward)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        bsz, n, _ = hidden_states.shape
-        heads = (bsz, n, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(heads).transpose(1, 2)  # (B, H, N, D)
-        k = self.k_proj(hidden_states).view(heads).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(heads).transpose(1, 2)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._dymu_eager)
-        out, weights = attention(
-            self, q, k, v, attention_mask, scaling=self.scale, dropout=0.0 if not self.training else self.dropout, **kwargs
-        )
-        out = self.out_proj(out.reshape(bsz, n, -1).contiguous())
-        return out, weights, k.mean(dim=1)  # metric (B, N, D)
+        return attention_with_metric(self, hidden_states, attention_mask, self.out_proj, self.scale,
+                                     0.0 if not self.training else self.dropout, self._dymu_eager, **kwargs)
 
 
 class DToMeEncoderLayerMixin:
@@ -152,12 +169,14 @@ class DToMeSettings:
 class DToMeEncoderMixin:
     """Encoder loop carrying the merge state.
 
-    Modifications (vs ``CLIPEncoder.forward``):
+    Modifications (vs ``CLIPEncoder.forward``; ``Dinov2Encoder`` likewise, its blocks in ``layer``):
         - runs only the first ``_dymu.num_layers`` layers (up to the feature layer);
         - builds the proportional-attention / padding bias from the token sizes before every layer;
         - ``merge_rule`` (per call) overrides the configured rule, e.g. for threshold calibration;
         - returns :class:`DToMeEncoderOutput` with sizes, group ids and the padding mask.
     """
+
+    _dymu_blocks: str = "layers"  # the encoder attribute holding its blocks (``layer`` for DINOv2)
 
     def forward(
         self,
@@ -172,7 +191,8 @@ class DToMeEncoderMixin:
         settings: DToMeSettings = self._dymu
         rule = merge_rule if merge_rule is not None else settings.rule
         x, state, hidden_states = run_layers(
-            self.layers, lambda layer, *args: layer(*args), inputs_embeds, settings, rule, output_hidden_states
+            getattr(self, self._dymu_blocks), lambda layer, *args: layer(*args), inputs_embeds, settings, rule,
+            output_hidden_states,
         )
         return DToMeEncoderOutput(
             last_hidden_state=x,
@@ -198,11 +218,15 @@ class _DToMeVisionModelMixin:
         output_hidden_states: bool = False,
         **kwargs,
     ) -> DToMeVisionOutput:
+        x = self._embed(pixel_values, interpolate_pos_encoding)
+        enc = self.encoder(x, merge_rule=merge_rule, output_hidden_states=output_hidden_states)
+        return DToMeVisionOutput.from_encoder(enc, self._pool(enc))
+
+    def _embed(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> torch.Tensor:
         x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         if hasattr(self, "pre_layrnorm"):  # CLIP normalises before the encoder; SigLIP does not
             x = self.pre_layrnorm(x)
-        enc = self.encoder(x, merge_rule=merge_rule, output_hidden_states=output_hidden_states)
-        return DToMeVisionOutput.from_encoder(enc, self._pool(enc))
+        return x
 
     def _pool(self, enc: DToMeEncoderOutput) -> torch.Tensor | None:
         raise NotImplementedError
