@@ -55,6 +55,10 @@ __all__ = [
     "build_tiny_llava_onevision",
     "ensure_tiny_llava_onevision",
     "ensure_tiny_thresholds",
+    "calibrate_embedded",
+    "TESTBED_TARGETS",
+    "ensure_testbed_model",
+    "ensure_testbed_thresholds",
     "ensure_embedded",
     "EMBEDDED",
     "export_calibration_images",
@@ -555,11 +559,8 @@ def ensure_tiny_llava_onevision(path: str | os.PathLike, seed: int = 0) -> Path:
 def ensure_tiny_thresholds(path: str | os.PathLike, targets: dict[str, int] | None = None) -> dict[str, Path]:
     """Calibrate the tiny model's DToMe thresholds on first use (``path/thresholds/<variant>.json``).
 
-    Runs :func:`dymu.find_thresholds` on :func:`export_calibration_images`, each image as the pipeline's
-    :meth:`~llava.pipeline.DyMUPipeline.crops` gives it (deployment preprocessing), in batches of 16 images
-    (LLaVA-1.5) or 4 (LLaVA-OneVision, several crops each) shuffled with seed 0 as ``scripts/find_thresholds.py``
-    batches them, so the values equal that driver's; the realised token count is measured on the same batches.
-    Existing files are kept.
+    Runs :func:`dymu.find_thresholds` on :func:`export_calibration_images` (see :func:`calibrate_embedded`), in
+    batches of 16 images (LLaVA-1.5) or 4 (LLaVA-OneVision, several crops each). Existing files are kept.
 
     Args:
         path: the tiny checkpoint (see :func:`ensure_tiny_llava15` / :func:`ensure_tiny_llava_onevision`).
@@ -570,39 +571,103 @@ def ensure_tiny_thresholds(path: str | os.PathLike, targets: dict[str, int] | No
         variant -> thresholds file.
     """
     path = Path(path)
+    onevision = json.loads((path / "config.json").read_text())["model_type"] == "llava_onevision"
     if targets is None:
-        onevision = json.loads((path / "config.json").read_text())["model_type"] == "llava_onevision"
         targets = ONEVISION_TARGETS if onevision else TINY_TARGETS
-    targets = dict(targets)
+    return calibrate_embedded(path, lambda: export_calibration_images(path / "calibration_images"), targets,
+                              per_batch=4 if onevision else 16, source="eval.tiny.ensure_tiny_thresholds")
+
+
+def calibrate_embedded(path: Path, images, targets: dict[str, int], per_batch: int, source: str) -> dict[str, Path]:
+    """Calibrate an embedded checkpoint's thresholds for the variants whose ``path/thresholds/<variant>.json`` is
+    missing (existing files are kept).
+
+    Each image is preprocessed as the pipeline deploys it (:meth:`~llava.pipeline.DyMUPipeline.crops`), batched
+    ``per_batch`` images at a time in an order shuffled with seed 0, as ``scripts/find_thresholds.py`` batches them
+    for its default seed, so the values equal that driver's; the realised token count is measured on the same
+    batches.
+
+    Args:
+        path: the checkpoint folder.
+        images: a callable returning the calibration image paths (called only when a variant is missing).
+        targets: variant -> tokens per image (crop) at the feature layer, CLS included.
+        per_batch: images per calibration batch.
+        source: recorded as the thresholds' ``source`` (with the variant).
+
+    Returns:
+        variant -> thresholds file.
+    """
     files = {v: path / "thresholds" / f"{v}.json" for v in targets}
     todo = {v: t for v, t in targets.items() if not files[v].is_file()}
     if todo:
-        images = export_calibration_images(path / "calibration_images")
+        images = images()
         pipe = load_model(path, dymu=None, vtu=False, dtype=torch.float32, local_files_only=True)
-        per_batch = 16 if pipe.model.config.model_type == "llava" else 4  # OneVision: several crops per image
         order = list(range(len(images)))
         random.Random(0).shuffle(order)  # diverse batches, in the calibration driver's order for its default seed 0
         crops = [pipe.crops(images[i]) for i in order]  # (n_crops, 3, H, W) each
         batches = [torch.cat(crops[i : i + per_batch]) for i in range(0, len(crops), per_batch)]
         config = pipe.model.config
         for variant, target in todo.items():
-            logger.info("calibrating tiny thresholds '%s' (target %d tokens) on %d images", variant, target, len(images))
+            logger.info("calibrating thresholds '%s' of %s (target %d tokens) on %d images", variant, path.name,
+                        target, len(images))
             thresholds = find_thresholds(
                 pipe.tower, batches, target_tokens=target, feature_layer=config.vision_feature_layer,
-                realised_batches=batches, progress=False, source=f"eval.tiny.ensure_tiny_thresholds ({variant})",
+                realised_batches=batches, progress=False, source=f"{source} ({variant})",
                 extra={"model": str(path.name), "batch_size": per_batch, "images": len(images)},
             )
             thresholds.save(files[variant])
     return files
 
 
-EMBEDDED = {"tiny_llava15": ensure_tiny_llava15, "tiny_llava_onevision": ensure_tiny_llava_onevision}
-"""``model.build`` config value -> the function that builds that embedded tiny checkpoint on first use."""
+# ---------------------------------------------------------------------------------- real-weights testbed
+TESTBED_TARGETS = {"low": 42, "mid": 93, "high": 175}
+"""Tokens per 257-token image (CLS included) at the testbed tower's feature layer: LLaVA-1.5's 94 / 209 / 393 of 577
+scaled to 257 (16 / 36 / 68 % of the tokens, the paper's low / mid / high fractions)."""
+
+TESTBED_CALIBRATION_IMAGES = 256
+"""Training-split images of :mod:`eval.testbed.data` the testbed's thresholds are calibrated on."""
+
+
+def ensure_testbed_model(path: str | os.PathLike) -> Path:
+    """The testbed checkpoint (trained projector) at ``path``, built from the installed weight packages on first
+    use (:func:`eval.testbed.model.ensure_testbed`)."""
+    from .testbed.model import ensure_testbed
+
+    return ensure_testbed(path)
+
+
+def ensure_testbed_thresholds(path: str | os.PathLike, targets: dict[str, int] | None = None) -> dict[str, Path]:
+    """Calibrate the testbed's thresholds on first use, on the first :data:`TESTBED_CALIBRATION_IMAGES` training
+    images (written to ``path/calibration_images``), 16 per batch (:func:`calibrate_embedded`).
+
+    Args:
+        path: the testbed checkpoint.
+        targets: variant -> tokens per image (default :data:`TESTBED_TARGETS`).
+    """
+    from .testbed import data as tdata
+
+    path = Path(path)
+
+    def images() -> list[Path]:
+        folder = tdata.write_split(path / "calibration_images", "train", TESTBED_CALIBRATION_IMAGES).parent
+        return sorted((folder / "images").glob("*.png"))
+
+    return calibrate_embedded(path, images, dict(targets or TESTBED_TARGETS), per_batch=16,
+                              source="eval.tiny.ensure_testbed_thresholds")
+
+
+EMBEDDED = {"tiny_llava15": ensure_tiny_llava15, "tiny_llava_onevision": ensure_tiny_llava_onevision,
+            "testbed": ensure_testbed_model}
+"""``model.build`` config value -> the function that builds that embedded checkpoint on first use."""
+
+_EMBEDDED_THRESHOLDS = {"testbed": ensure_testbed_thresholds}
+"""``model.build`` -> its thresholds function, where it is not :func:`ensure_tiny_thresholds`."""
 
 
 def ensure_embedded(model_cfg, thresholds: bool = True) -> Path:
-    """Build the embedded tiny model a model config names (``model.build``, at ``model.name_or_path``) on
-    first use and, unless ``thresholds=False``, its thresholds (:func:`ensure_tiny_thresholds`).
+    """Build the embedded model a model config names (``model.build``, at ``model.name_or_path``) on first use
+    and, unless ``thresholds=False``, its thresholds (:func:`ensure_tiny_thresholds`; the testbed's:
+    :func:`ensure_testbed_thresholds`).
 
     Returns:
         the checkpoint folder.
@@ -615,5 +680,5 @@ def ensure_embedded(model_cfg, thresholds: bool = True) -> Path:
         raise ValueError(f"unknown model.build {build!r}; use one of {tuple(EMBEDDED)} or null.")
     path = EMBEDDED[build](str(model_cfg["name_or_path"]))
     if thresholds:
-        ensure_tiny_thresholds(path)
+        _EMBEDDED_THRESHOLDS.get(build, ensure_tiny_thresholds)(path)
     return path

@@ -1,0 +1,241 @@
+"""Training the testbed's projector on generated visual questions, with transformers' :class:`~transformers.Trainer`.
+
+Recipe (LLaVA-1.5's first stage, on :mod:`eval.testbed.data`): the vision tower and the LLM are frozen and unmodified
+(no DToMe, no VTU); only the MLP projector learns, optionally with a LoRA on the LLM's attention (``peft``) when the
+projector alone does not reach the accuracy target. Each training sequence is one image and all of its questions as
+a multi-turn chat, rendered with the checkpoint's chat template: the first turn is exactly the prompt the evaluation
+pipeline writes (checked), the later turns follow it, and only the answers (each with its ``<|im_end|>``) are
+supervised. One image's 256 visual tokens thus serve about five answers, which matters on a CPU where the LLM's
+forward and backward pass over those tokens is the whole cost.
+
+The loss is computed on the supervised positions only (the LM head runs on those rows, not on all 49153-way logits
+of every position); it equals transformers' causal-LM loss over the same labels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from llava.prompts import SYSTEM_VICUNA_V1
+
+from . import data as tdata
+from .model import projector_state
+
+__all__ = ["TestbedChats", "ChatCollator", "ProjectorTrainer", "supervised_loss", "chat_messages", "settings_record",
+           "train"]
+
+logger = logging.getLogger(__name__)
+
+
+def chat_messages(system: str, samples: list[tdata.Sample]) -> list[dict]:
+    """The conversation of one image's questions: system, then user / assistant turns, the image in the first."""
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}]
+    for i, s in enumerate(samples):
+        items = [{"type": "image"}] if i == 0 else []
+        messages.append({"role": "user", "content": [*items, {"type": "text", "text": s.question}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": s.answer}]})
+    return messages
+
+
+class TestbedChats(Dataset):
+    """One item per image: its questions as a multi-turn chat, tokenised with the image expanded.
+
+    Args:
+        pipeline: the testbed's :class:`~llava.pipeline.DyMUPipeline` (unpatched); its processor tokenises and its
+            :meth:`~llava.pipeline.DyMUPipeline.prompt` is the evaluation prompt the first turn must equal.
+        split: a :data:`eval.testbed.data.SPLITS` name.
+        num_images: images ``0 .. num_images - 1`` of the split.
+        system: the system message the pipeline's prompt carries (LLaVA-1.5 family: the vicuna_v1 sentence).
+
+    Items: ``{"input_ids": (T,), "labels": (T,), "pixel_values": (1, 3, H, W)}``; labels are -100 except on the
+    answer tokens and the ``<|im_end|>`` closing each answer.
+    """
+
+    def __init__(self, pipeline, split: str, num_images: int, system: str):
+        self.pipeline = pipeline
+        self.system = system
+        by_image: dict[int, list[tdata.Sample]] = {}
+        for sample in tdata.split_samples(split, num_images):
+            by_image.setdefault(sample.image_seed, []).append(sample)
+        self.images = sorted(by_image.items())
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _ids(self, text: str, image) -> torch.Tensor:
+        return self.pipeline.processor(text=text, images=[image], return_tensors="pt")
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        seed, samples = self.images[index]
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+        samples = [samples[i] for i in order]  # every question type gets to be the first turn
+        image = tdata.render(tdata.make_scene(seed))
+        processor = self.pipeline.processor
+        template = processor.chat_template
+
+        def render(messages, generation: bool) -> str:
+            return processor.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                           add_generation_prompt=generation)
+
+        messages = chat_messages(self.system, samples)
+        first = render(messages[:2], True)
+        expected = self.pipeline.prompt(samples[0].question, [image])
+        if first != expected:
+            raise RuntimeError(f"the training chat's first turn differs from the evaluation prompt:\n{first!r}\n"
+                               f"vs\n{expected!r}")
+        full = self._ids(render(messages, False), image)
+        ids = full["input_ids"][0]
+        labels = torch.full_like(ids, -100)
+        for turn in range(len(samples)):  # answer span: after the turn's generation prompt, through its <|im_end|>
+            prefix = self._ids(render(messages[: 2 + 2 * turn], True), image)["input_ids"][0]
+            start = len(prefix)
+            end = self._ids(render(messages[: 3 + 2 * turn], False), image)["input_ids"].shape[1] - 1  # drop "\n"
+            if not torch.equal(ids[:start], prefix):
+                raise RuntimeError("the chat does not tokenise prefix-stably; answer spans cannot be found")
+            labels[start:end] = ids[start:end]
+        return {"input_ids": ids, "labels": labels, "pixel_values": full["pixel_values"]}
+
+
+@dataclass
+class ChatCollator:
+    """Right-pads a batch of :class:`TestbedChats` items (``pad_token_id``, labels -100, attention mask 0)."""
+
+    pad_token_id: int
+
+    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        length = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), length), -100, dtype=torch.long)
+        mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[row, :n], labels[row, :n], mask[row, :n] = it["input_ids"], it["labels"], 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+                "pixel_values": torch.cat([it["pixel_values"] for it in items])}
+
+
+def supervised_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the supervised positions of a LLaVA model.
+
+    Runs the backbone (``model.model``), then the LM head only on the rows whose next token is supervised: equal
+    to ``model(**inputs).loss`` (transformers' shifted causal-LM loss) without the ``(B, T, V)`` logits.
+
+    Args:
+        model: a ``LlavaForConditionalGeneration`` (or a ``peft`` model around one).
+        inputs: :class:`ChatCollator` output (``labels`` ``(B, T)``, -100 where unsupervised).
+    """
+    labels = inputs["labels"]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                        attention_mask=inputs["attention_mask"]).last_hidden_state  # (B, T, C)
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = base.lm_head(hidden[:, :-1][keep])  # (n_supervised, V)
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+
+
+class ProjectorTrainer(Trainer):
+    """:class:`~transformers.Trainer` with :func:`supervised_loss` (through the documented ``compute_loss`` hook)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = supervised_loss(model, inputs)
+        return (loss, None) if return_outputs else loss
+
+
+def settings_record(cfg: dict) -> dict:
+    """What a training run's output folder is bound to (a resume with other settings is refused)."""
+    keys = ("num_images", "epochs", "batch_size", "learning_rate", "warmup_ratio", "seed", "lora", "image_size")
+    return {k: cfg[k] for k in keys} | {"generator_version": tdata.GENERATOR_VERSION}
+
+
+def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
+    """Train the projector (and the LoRA, if ``cfg["lora"]``) and write ``projector.safetensors`` and a summary.
+
+    Args:
+        cfg: ``num_images``, ``epochs``, ``batch_size``, ``learning_rate``, ``warmup_ratio``, ``seed``, ``lora``
+            (null or ``{"r": ..., "alpha": ..., "target_modules": [...]}``), ``image_size``, ``logging_steps``,
+            ``save_steps``, ``max_minutes`` (stop early after this much wall time, null: no limit).
+        pipeline: the testbed pipeline (unpatched: the encoder is unmodified during training).
+        output_dir: where checkpoints (``checkpoint-*``, resumable) and results go.
+
+    Returns:
+        the summary written to ``output_dir/train_summary.json``.
+
+    Raises:
+        FileExistsError: ``output_dir`` holds a run with other settings (the message names them; nothing is
+            deleted).
+    """
+    from safetensors.torch import save_file
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = settings_record(cfg)
+    settings_file = out / "train_settings.json"
+    if settings_file.is_file():
+        found = json.loads(settings_file.read_text(encoding="utf-8"))
+        if found != record:
+            diff = {k: (found.get(k), record.get(k)) for k in set(found) | set(record) if found.get(k) != record.get(k)}
+            raise FileExistsError(f"{out} holds a training run with other settings (found, asked): {diff}; pass "
+                                  "another output folder, or delete it to start over.")
+    else:
+        settings_file.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    model = pipeline.model
+    for name, p in model.named_parameters():
+        p.requires_grad = ".multi_modal_projector." in name
+    if cfg.get("lora"):
+        from peft import LoraConfig, get_peft_model
+
+        lora = cfg["lora"]
+        model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0,
+                                                 target_modules=list(lora["target_modules"]),
+                                                 modules_to_save=None))
+        for name, p in model.named_parameters():
+            if ".multi_modal_projector." in name:
+                p.requires_grad = True
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("training %d parameters", trainable)
+
+    # The LLaVA-1.5 family's prompt carries the vicuna_v1 system sentence; TestbedChats checks the first turn
+    # against the pipeline's own prompt, so a family that wrote another one would stop training at once.
+    dataset = TestbedChats(pipeline, "train", cfg["num_images"], system=SYSTEM_VICUNA_V1)
+    steps_per_epoch = math.ceil(len(dataset) / cfg["batch_size"])
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=cfg["batch_size"], num_train_epochs=cfg["epochs"],
+        learning_rate=cfg["learning_rate"], warmup_steps=int(cfg["warmup_ratio"] * steps_per_epoch * cfg["epochs"]),
+        lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=cfg["logging_steps"],
+        save_steps=cfg["save_steps"], save_total_limit=2, seed=cfg["seed"], data_seed=cfg["seed"],
+        dataloader_num_workers=0, report_to=[], remove_unused_columns=False, use_cpu=True,
+        disable_tqdm=False, save_only_model=False,
+    )
+    started = time.time()
+
+    class TimeLimit(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if cfg.get("max_minutes") and time.time() - started > 60 * cfg["max_minutes"]:
+                control.should_training_stop = True
+                control.should_save = True
+
+    trainer = ProjectorTrainer(model=model, args=args, train_dataset=dataset,
+                               data_collator=ChatCollator(pipeline.processor.tokenizer.pad_token_id),
+                               callbacks=[TimeLimit()])
+    resume = any(out.glob("checkpoint-*"))
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    save_file(projector_state(base), str(out / "projector.safetensors"))
+    if cfg.get("lora"):
+        model.save_pretrained(str(out / "lora"))
+    summary = {**record, "trainable_parameters": trainable, "images": len(dataset),
+               "steps": trainer.state.global_step, "train_loss": result.training_loss,
+               "seconds_this_session": round(time.time() - started, 1),
+               "log_history": trainer.state.log_history}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
