@@ -29,7 +29,7 @@ from llava.prompts import SYSTEM_VICUNA_V1
 from . import data as tdata
 from .model import projector_state
 
-__all__ = ["TestbedChats", "ChatCollator", "ProjectorTrainer", "supervised_loss", "chat_messages", "settings_record",
+__all__ = ["TestbedChats", "ChatCollator", "ProjectorCheckpoints", "ProjectorTrainer", "supervised_loss", "chat_messages", "settings_record",
            "train"]
 
 logger = logging.getLogger(__name__)
@@ -142,6 +142,45 @@ def supervised_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
+class ProjectorCheckpoints(TrainerCallback):
+    """Keeps the projector in every checkpoint as ``projector.safetensors`` and restores it on resume.
+
+    Needed because the checkpoint's own ``model.safetensors`` is written by ``save_pretrained``, which stores a LLaVA
+    model under its legacy key names (``multi_modal_projector.*``), while ``Trainer``'s resume loads it into the
+    live model, whose keys are ``model.multi_modal_projector.*``: the projector would silently restart from its
+    initialisation (seen with transformers 5.24; the test of the training script catches it).
+
+    Args:
+        resume_from: the checkpoint folder training resumes from, or None.
+    """
+
+    def __init__(self, resume_from: Path | None):
+        self.resume_from = resume_from
+
+    @staticmethod
+    def _base(model):
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        from safetensors.torch import save_file
+
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        save_file(projector_state(self._base(model)), str(folder / "projector.safetensors"))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.resume_from is None:
+            return
+        from safetensors.torch import load_file
+
+        path = self.resume_from / "projector.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing, so the projector cannot be resumed; delete the checkpoint "
+                                    "folder to start over.")
+        result = self._base(model).load_state_dict(load_file(str(path)), strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{path} holds keys the model does not have: {result.unexpected_keys[:3]}")
+
+
 class ProjectorTrainer(Trainer):
     """:class:`~transformers.Trainer` with :func:`supervised_loss` (through the documented ``compute_loss`` hook)."""
 
@@ -195,9 +234,12 @@ def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
         from peft import LoraConfig, get_peft_model
 
         lora = cfg["lora"]
+        # A regex, not a list of names: the DINOv2 tower names its projections q_proj / k_proj / v_proj / o_proj
+        # too, and a name list would put LoRA on the (frozen, unmodified) tower as well.
+        names = "|".join(lora["target_modules"])
+        target = rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({names})"
         model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0,
-                                                 target_modules=list(lora["target_modules"]),
-                                                 modules_to_save=None))
+                                                 target_modules=target))
         for name, p in model.named_parameters():
             if ".multi_modal_projector." in name:
                 p.requires_grad = True
@@ -224,11 +266,14 @@ def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
                 control.should_training_stop = True
                 control.should_save = True
 
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(out))
+    resume = Path(last) if last else None
     trainer = ProjectorTrainer(model=model, args=args, train_dataset=dataset,
                                data_collator=ChatCollator(pipeline.processor.tokenizer.pad_token_id),
-                               callbacks=[TimeLimit()])
-    resume = any(out.glob("checkpoint-*"))
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+                               callbacks=[TimeLimit(), ProjectorCheckpoints(resume)])
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     save_file(projector_state(base), str(out / "projector.safetensors"))
     if cfg.get("lora"):
