@@ -612,8 +612,8 @@ def write_split(folder, split: str, num_images: int, size: int = 224) -> Path:
                 "num_shapes": len(scene.shapes),
                 "image_seed": sample.image_seed,
             }
-            lines.append(json.dumps(record) + "\n")
+            lines.append(json.dumps(record, allow_nan=False) + "\n")
     _write_atomic(jsonl_path, "".join(lines).encode())
     meta = dict(wanted, num_samples=len(lines))
-    _write_atomic(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+    _write_atomic(meta_path, (json.dumps(meta, indent=2, allow_nan=False) + "\n").encode())
     return jsonl_path

