@@ -15,13 +15,14 @@ import torch
 from transformers.models.dinov2 import modeling_dinov2
 
 from ..merge import MergeRule, TokenState, bipartite_match, merge_tokens
-from .vit import DToMeEncoderOutput, _DToMeVisionModelMixin, attention_with_metric
+from .vit import DToMeAttentionMixin, DToMeEncoderOutput, _DToMeVisionModelMixin
 
 __all__ = ["DToMeDinov2AttentionMixin", "DToMeDinov2LayerMixin", "DToMeDinov2ModelMixin"]
 
 
-class DToMeDinov2AttentionMixin:
-    """``Dinov2Attention`` that also returns the merge metric.
+class DToMeDinov2AttentionMixin(DToMeAttentionMixin):
+    """``Dinov2Attention`` that also returns the merge metric (:class:`~dymu.patch.vit.DToMeAttentionMixin` with
+    DINOv2's names: ``o_proj``, ``scaling``, ``attention_dropout``).
 
     Modifications (vs ``Dinov2Attention.forward``):
         - returns a third value, the keys averaged over heads ``(B, N, D)`` (:func:`~dymu.patch.vit.attention_with_metric`);
@@ -29,10 +30,7 @@ class DToMeDinov2AttentionMixin:
     """
 
     _dymu_eager: Callable = staticmethod(modeling_dinov2.eager_attention_forward)
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        return attention_with_metric(self, hidden_states, attention_mask, self.o_proj, self.scaling,
-                                     0.0 if not self.training else self.attention_dropout, self._dymu_eager, **kwargs)
+    _dymu_names = ("o_proj", "scaling", "attention_dropout")
 
 
 class DToMeDinov2LayerMixin:

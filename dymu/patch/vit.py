@@ -116,13 +116,19 @@ class DToMeAttentionMixin:
         - returns a third value: the keys averaged over heads, ``(B, N, D)`` — the DToMe metric
           (:func:`attention_with_metric`);
         - ``attention_mask`` may be the additive proportional-attention bias ``(B, 1, 1, N)``.
+
+    A host family whose attention names its output projection, scale or dropout otherwise subclasses this and sets
+    ``_dymu_eager`` and ``_dymu_names`` (``(output projection, scale, dropout)`` attribute names).
     """
 
     _dymu_eager: Callable = staticmethod(modeling_clip.eager_attention_forward)
+    _dymu_names: tuple[str, str, str] = ("out_proj", "scale", "dropout")
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        return attention_with_metric(self, hidden_states, attention_mask, self.out_proj, self.scale,
-                                     0.0 if not self.training else self.dropout, self._dymu_eager, **kwargs)
+        out_proj, scale, dropout = self._dymu_names
+        return attention_with_metric(self, hidden_states, attention_mask, getattr(self, out_proj),
+                                     getattr(self, scale), getattr(self, dropout) if self.training else 0.0,
+                                     self._dymu_eager, **kwargs)
 
 
 class DToMeEncoderLayerMixin:
