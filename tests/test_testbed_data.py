@@ -102,7 +102,8 @@ def test_centre_pixel_has_the_shape_colour_on_a_hand_built_scene():
     assert min(np.linalg.norm(corner - np.array(rgb)) for rgb in D.COLOURS.values()) >= 80
 
 
-def test_answers_agree_with_the_rendered_pixels_on_flat_backgrounds():
+@pytest.mark.parametrize("every", [False, True], ids=["one_per_type", "every_question"])
+def test_answers_agree_with_the_rendered_pixels_on_flat_backgrounds(every):
     seeds = _seeds_with("flat", 30)
     checked = Counter()
     for seed in seeds:
@@ -114,7 +115,7 @@ def test_answers_agree_with_the_rendered_pixels_on_flat_backgrounds():
             assert tuple(pixels[y, x]) == D.COLOURS[shape.color], (seed, shape)
         objects = _analyse_flat(image)
         pairs = [(c, k) for c, k, _ in objects]
-        for q in D.questions(scene):
+        for q in D.questions(scene, every=every):
             checked[q.qtype] += 1
             if q.qtype == "count":
                 assert q.answer == str(len(objects)) == str(len(scene.shapes))
@@ -275,6 +276,27 @@ def test_every_well_defined_type_is_asked_and_answers_match_the_scene(scenes):
             assert asked["position"].answer == ("left" if shape.center[0] < SIZE / 2 else "right")
         colour, kind = re.search(r"a (\w+) (\w+)\?", asked["exists"].question).groups()
         assert asked["exists"].answer == ("yes" if pair_counts[(colour, kind)] else "no")
+
+
+def test_every_question_holds_the_benchmark_questions_and_each_well_defined_one(scenes):
+    """every=True (training) asks each well-defined question once: it contains the one-per-type questions, one
+    shape / color / position question per eligible shape, as many "no" as "yes" existence questions (while absent
+    pairs last), and the one-per-type questions are unchanged by it."""
+    for scene in scenes[:100]:
+        one = D.questions(scene)
+        every = D.questions(scene, every=True)
+        assert D.questions(scene) == one  # asking every question draws from no shared state
+        assert set(one) <= set(every) and len(set(every)) == len(every)
+        colour_counts = Counter(s.color for s in scene.shapes)
+        kind_counts = Counter(s.kind for s in scene.shapes)
+        by_type = Counter(q.qtype for q in every)
+        assert by_type["shape"] == sum(colour_counts[s.color] == 1 for s in scene.shapes)
+        assert by_type["color"] == sum(kind_counts[s.kind] == 1 for s in scene.shapes)
+        assert by_type["count"] == 1
+        answers = Counter(q.answer for q in every if q.qtype == "exists")
+        assert answers["yes"] == len({(s.color, s.kind) for s in scene.shapes}) == answers["no"]
+    samples = D.split_samples("train", 50, every=True)
+    assert len({s.question_id for s in samples}) == len(samples) > 3 * len(D.split_samples("train", 50))
 
 
 # ------------------------------------------------------------------------------------------------ content

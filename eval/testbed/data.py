@@ -16,12 +16,14 @@ The recipe, for image ``i`` of split ``s`` (seed ``SPLITS[s] + i``, so splits ne
    backgrounds never blend in. Shapes are solid fills (no anti-aliasing: a shape's pixels are exactly its
    colour) with a thin dark or light outline, whichever contrasts with the background under the shape. All
    randomness comes from ``scene.seed``, so the same scene always gives the same pixels.
-3. **Questions** (:func:`questions`). At most one question per type and image, and every type whenever it is
-   well defined: ``shape`` (the kind of the only shape of some colour), ``color`` (the colour of the only shape
+3. **Questions** (:func:`questions`). At most one question per type and image (the benchmark's questions), and
+   every type whenever it is well defined: ``shape`` (the kind of the only shape of some colour), ``color`` (the colour of the only shape
    of some kind), ``count`` (how many shapes), ``position`` (left or right, for a shape named uniquely by colour
    and kind whose centre is more than 0.12 * size off the vertical midline) and ``exists`` (a present or an
    absent colour-kind pair, yes or no with probability 1/2 each). Choices among valid candidates use a
-   generator derived from the scene seed.
+   generator derived from the scene seed. Training may ask more of each image (``every=True``): every well-defined
+   question of each type, so one pass over an image's visual tokens supervises several times more answers; the
+   one-per-type questions, and so the benchmark, do not change.
 
 Simple images (flat background, one shape) should end with few visual tokens after merging, busy ones (a
 texture or a photo with six shapes) with many. :func:`split_samples` lists the questions of a range of images;
@@ -396,7 +398,7 @@ def render(scene: Scene) -> Image.Image:
 # ------------------------------------------------------------------------------------------------ questions
 
 
-def questions(scene: Scene) -> list[Question]:
+def questions(scene: Scene, every: bool = False) -> list[Question]:
     """The questions of ``scene``: at most one per type, every type whenever it is well defined.
 
     Types, in :data:`QUESTION_TYPES` order:
@@ -411,8 +413,15 @@ def questions(scene: Scene) -> list[Question]:
     Choices among valid candidates use ``numpy.random.default_rng([scene.seed, 2])``, so the result is a pure
     function of the scene.
 
+    With ``every=True`` (training), every well-defined question instead: ``shape`` for each colour held by one
+    shape, ``color`` for each kind held by one shape, ``count``, ``position`` for each placeable shape, and
+    ``exists`` for each present colour-kind pair (``"yes"``) plus as many absent pairs (``"no"``: the one-per-type
+    question's pair if it asks one, the others drawn with ``numpy.random.default_rng([scene.seed, 3])``); so they
+    contain the one-per-type questions. Types in :data:`QUESTION_TYPES` order, each in scene order.
+
     Args:
         scene: a scene with at least one shape.
+        every: all well-defined questions rather than one per type.
 
     Returns:
         A list of :class:`Question`.
@@ -423,6 +432,8 @@ def questions(scene: Scene) -> list[Question]:
     _check_seed(scene.seed)
     if not scene.shapes:
         raise ValueError("a scene needs at least one shape to ask questions about")
+    if every:
+        return _every_question(scene)
     rng = np.random.default_rng([scene.seed, 2])
     shapes = scene.shapes
     out: list[Question] = []
@@ -446,11 +457,7 @@ def questions(scene: Scene) -> list[Question]:
 
     pairs = [(s.color, s.kind) for s in shapes]
     middle = scene.size / 2.0
-    placeable = [
-        s
-        for s in shapes
-        if pairs.count((s.color, s.kind)) == 1 and abs(s.center[0] - middle) > _POSITION_MARGIN * scene.size
-    ]
+    placeable = _placeable(scene)
     if placeable:
         shape = pick(placeable)
         side = "left" if shape.center[0] < middle else "right"
@@ -464,6 +471,39 @@ def questions(scene: Scene) -> list[Question]:
         colour, kind = pick(absent)
         answer = "no"
     out.append(Question("exists", f"Is there a {colour} {kind}?", answer))
+    return out
+
+
+def _placeable(scene: Scene) -> list[Shape]:
+    """Shapes a position question can name: unique in colour and kind, centre clearly off the vertical midline."""
+    pairs = [(s.color, s.kind) for s in scene.shapes]
+    middle = scene.size / 2.0
+    return [s for s in scene.shapes
+            if pairs.count((s.color, s.kind)) == 1 and abs(s.center[0] - middle) > _POSITION_MARGIN * scene.size]
+
+
+def _every_question(scene: Scene) -> list[Question]:
+    """Every well-defined question of ``scene`` (:func:`questions` with ``every=True``)."""
+    shapes = scene.shapes
+    colours = [s.color for s in shapes]
+    kinds = [s.kind for s in shapes]
+    out = [Question("shape", f"What shape is the {s.color} object?", s.kind) for s in shapes
+           if colours.count(s.color) == 1]
+    out += [Question("color", f"What color is the {s.kind}?", s.color) for s in shapes if kinds.count(s.kind) == 1]
+    out.append(Question("count", "How many shapes are there?", str(len(shapes))))
+    middle = scene.size / 2.0
+    out += [Question("position", f"Is the {s.color} {s.kind} on the left or the right?",
+                     "left" if s.center[0] < middle else "right") for s in _placeable(scene)]
+    present = list(dict.fromkeys((s.color, s.kind) for s in shapes))
+    absent = [(c, k) for c in COLOURS for k in SHAPES if (c, k) not in present]
+    # the benchmark's own "no" pair (if it asks one) is among them, so these questions contain questions(scene)'s
+    benchmark = [q for q in questions(scene) if q.qtype == "exists" and q.answer == "no"]
+    first = [absent.index(tuple(q.question.removeprefix("Is there a ").removesuffix("?").split())) for q in benchmark]
+    rest = [i for i in range(len(absent)) if i not in first]
+    rng = np.random.default_rng([scene.seed, 3])
+    chosen = first + [rest[i] for i in rng.choice(len(rest), size=len(present) - len(first), replace=False)]
+    out += [Question("exists", f"Is there a {c} {k}?", "yes") for c, k in present]
+    out += [Question("exists", f"Is there a {absent[i][0]} {absent[i][1]}?", "no") for i in sorted(chosen)]
     return out
 
 
@@ -501,21 +541,25 @@ def _check_range(num_images, start) -> tuple[int, int]:
     return int(num_images), int(start)
 
 
-def _image_samples(split: str, index: int, scene: Scene) -> list[Sample]:
+def _image_samples(split: str, index: int, scene: Scene, every: bool = False) -> list[Sample]:
+    found = questions(scene, every=every)
+    # one question per type: "<split>-<index>-<type>"; with every=True the k-th of its type gets "-<k>" too
+    ids = [f"{split}-{index:06d}-{q.qtype}" + (f"-{sum(p.qtype == q.qtype for p in found[:i])}" if every else "")
+           for i, q in enumerate(found)]
     return [
         Sample(
-            question_id=f"{split}-{index:06d}-{q.qtype}",
+            question_id=qid,
             split=split,
             image_seed=scene.seed,
             qtype=q.qtype,
             question=q.question,
             answer=q.answer,
         )
-        for q in questions(scene)
+        for qid, q in zip(ids, found)
     ]
 
 
-def split_samples(split: str, num_images: int, start: int = 0, *, size: int = 224) -> list[Sample]:
+def split_samples(split: str, num_images: int, start: int = 0, *, size: int = 224, every: bool = False) -> list[Sample]:
     """The samples of images ``start`` .. ``start + num_images - 1`` of ``split`` (no rendering).
 
     Args:
@@ -523,6 +567,7 @@ def split_samples(split: str, num_images: int, start: int = 0, *, size: int = 22
         num_images: how many images (>= 0).
         start: index of the first image (>= 0).
         size: image size in pixels the scenes are drawn at (positions, and so questions, depend on it).
+        every: every well-defined question of each image (training), as :func:`questions` with ``every=True``.
 
     Returns:
         The samples, image by image, each image's in :data:`QUESTION_TYPES` order.
@@ -535,7 +580,7 @@ def split_samples(split: str, num_images: int, start: int = 0, *, size: int = 22
     num_images, start = _check_range(num_images, start)
     samples: list[Sample] = []
     for index in range(start, start + num_images):
-        samples.extend(_image_samples(split, index, make_scene(SPLITS[split] + index, size)))
+        samples.extend(_image_samples(split, index, make_scene(SPLITS[split] + index, size), every))
     return samples
 
 
