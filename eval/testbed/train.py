@@ -54,24 +54,23 @@ class TestbedChats(Dataset):
         split: a :data:`eval.testbed.data.SPLITS` name.
         num_images: images ``0 .. num_images - 1`` of the split.
         system: the system message the pipeline's prompt carries (LLaVA-1.5 family: the vicuna_v1 sentence).
+        every_question: each image's every well-defined question (:func:`eval.testbed.data.questions` with
+            ``every=True``, about 13.8 per image) rather than the benchmark's one per type (about 4.8).
 
     Items: ``{"input_ids": (T,), "labels": (T,), "pixel_values": (1, 3, H, W)}``; labels are -100 except on the
     answer tokens and the ``<|im_end|>`` closing each answer.
     """
 
-    def __init__(self, pipeline, split: str, num_images: int, system: str):
+    def __init__(self, pipeline, split: str, num_images: int, system: str, every_question: bool = False):
         self.pipeline = pipeline
         self.system = system
         by_image: dict[int, list[tdata.Sample]] = {}
-        for sample in tdata.split_samples(split, num_images):
+        for sample in tdata.split_samples(split, num_images, every=every_question):
             by_image.setdefault(sample.image_seed, []).append(sample)
         self.images = sorted(by_image.items())
 
     def __len__(self) -> int:
         return len(self.images)
-
-    def _ids(self, text: str, image) -> torch.Tensor:
-        return self.pipeline.processor(text=text, images=[image], return_tensors="pt")
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         seed, samples = self.images[index]
@@ -91,16 +90,24 @@ class TestbedChats(Dataset):
         if first != expected:
             raise RuntimeError(f"the training chat's first turn differs from the evaluation prompt:\n{first!r}\n"
                                f"vs\n{expected!r}")
-        full = self._ids(render(messages, False), image)
+        full = processor(text=render(messages, False), images=[image], return_tensors="pt")
         ids = full["input_ids"][0]
+        # The answer spans come from the token counts of the chat's prefixes. The image is processed once (above);
+        # a prefix is tokenised as text with its image placeholder expanded to the processor's count, and the
+        # prefix-stability check below catches any disagreement with the processor's own tokenisation.
+        image_token = processor.image_token
+        expanded = image_token * int((ids == processor.image_token_id).sum())
+
+        def prefix_ids(text: str) -> torch.Tensor:
+            return torch.tensor(processor.tokenizer(text.replace(image_token, expanded))["input_ids"])
+
         labels = torch.full_like(ids, -100)
         for turn in range(len(samples)):  # answer span: after the turn's generation prompt, through its <|im_end|>
-            prefix = self._ids(render(messages[: 2 + 2 * turn], True), image)["input_ids"][0]
-            start = len(prefix)
-            end = self._ids(render(messages[: 3 + 2 * turn], False), image)["input_ids"].shape[1] - 1  # drop "\n"
-            if not torch.equal(ids[:start], prefix):
+            prefix = prefix_ids(render(messages[: 2 + 2 * turn], True))
+            through = prefix_ids(render(messages[: 3 + 2 * turn], False))  # ... its answer, <|im_end|>, "\n"
+            if not (torch.equal(ids[: len(prefix)], prefix) and torch.equal(ids[: len(through)], through)):
                 raise RuntimeError("the chat does not tokenise prefix-stably; answer spans cannot be found")
-            labels[start:end] = ids[start:end]
+            labels[len(prefix) : len(through) - 1] = ids[len(prefix) : len(through) - 1]  # the final "\n" is not
         return {"input_ids": ids, "labels": labels, "pixel_values": full["pixel_values"]}
 
 
@@ -191,7 +198,8 @@ class ProjectorTrainer(Trainer):
 
 def settings_record(cfg: dict) -> dict:
     """What a training run's output folder is bound to (a resume with other settings is refused)."""
-    keys = ("num_images", "epochs", "batch_size", "learning_rate", "warmup_ratio", "seed", "lora", "image_size")
+    keys = ("num_images", "every_question", "epochs", "batch_size", "learning_rate", "warmup_ratio", "seed", "lora",
+            "image_size")
     return {k: cfg[k] for k in keys} | {"generator_version": tdata.GENERATOR_VERSION}
 
 
@@ -199,7 +207,7 @@ def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
     """Train the projector (and the LoRA, if ``cfg["lora"]``) and write ``projector.safetensors`` and a summary.
 
     Args:
-        cfg: ``num_images``, ``epochs``, ``batch_size``, ``learning_rate``, ``warmup_ratio``, ``seed``, ``lora``
+        cfg: ``num_images``, ``every_question`` (see :class:`TestbedChats`), ``epochs``, ``batch_size``, ``learning_rate``, ``warmup_ratio``, ``seed``, ``lora``
             (null or ``{"r": ..., "alpha": ..., "target_modules": [...]}``), ``image_size``, ``logging_steps``,
             ``save_steps``, ``max_minutes`` (stop early after this much wall time, null: no limit).
         pipeline: the testbed pipeline (unpatched: the encoder is unmodified during training).
@@ -248,7 +256,8 @@ def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
 
     # The LLaVA-1.5 family's prompt carries the vicuna_v1 system sentence; TestbedChats checks the first turn
     # against the pipeline's own prompt, so a family that wrote another one would stop training at once.
-    dataset = TestbedChats(pipeline, "train", cfg["num_images"], system=SYSTEM_VICUNA_V1)
+    dataset = TestbedChats(pipeline, "train", cfg["num_images"], system=SYSTEM_VICUNA_V1,
+                           every_question=cfg["every_question"])
     steps_per_epoch = math.ceil(len(dataset) / cfg["batch_size"])
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=cfg["batch_size"], num_train_epochs=cfg["epochs"],
