@@ -129,6 +129,11 @@ class ChatCollator:
                 "pixel_values": torch.cat([it["pixel_values"] for it in items])}
 
 
+def _base_model(model):
+    """The LLaVA model inside a ``peft`` wrapper (or ``model`` itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def supervised_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over the supervised positions of a LLaVA model.
 
@@ -140,7 +145,7 @@ def supervised_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs: :class:`ChatCollator` output (``labels`` ``(B, T)``, -100 where unsupervised).
     """
     labels = inputs["labels"]
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_model(model)
     hidden = base.model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
                         attention_mask=inputs["attention_mask"]).last_hidden_state  # (B, T, C)
     targets = labels[:, 1:]
@@ -164,15 +169,11 @@ class ProjectorCheckpoints(TrainerCallback):
     def __init__(self, resume_from: Path | None):
         self.resume_from = resume_from
 
-    @staticmethod
-    def _base(model):
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
-
     def on_save(self, args, state, control, model=None, **kwargs):
         from safetensors.torch import save_file
 
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        save_file(projector_state(self._base(model)), str(folder / "projector.safetensors"))
+        save_file(projector_state(_base_model(model)), str(folder / "projector.safetensors"))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.resume_from is None:
@@ -183,7 +184,7 @@ class ProjectorCheckpoints(TrainerCallback):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing, so the projector cannot be resumed; delete the checkpoint "
                                     "folder to start over.")
-        result = self._base(model).load_state_dict(load_file(str(path)), strict=False)
+        result = _base_model(model).load_state_dict(load_file(str(path)), strict=False)
         if result.unexpected_keys:
             raise ValueError(f"{path} holds keys the model does not have: {result.unexpected_keys[:3]}")
 
@@ -283,8 +284,7 @@ def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
                                data_collator=ChatCollator(pipeline.processor.tokenizer.pad_token_id),
                                callbacks=[TimeLimit(), ProjectorCheckpoints(resume)])
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    save_file(projector_state(base), str(out / "projector.safetensors"))
+    save_file(projector_state(_base_model(model)), str(out / "projector.safetensors"))
     if cfg.get("lora"):
         model.save_pretrained(str(out / "lora"))
     summary = {**record, "trainable_parameters": trainable, "images": len(dataset),
