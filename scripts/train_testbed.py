@@ -17,7 +17,8 @@ def main(cfg: DictConfig) -> None:
     from eval.testbed.model import ensure_testbed
     from eval.testbed.train import train
 
-    base = ensure_testbed(cfg.base, projector=None, adapter=None, image_size=cfg.image_size)
+    base = ensure_testbed(cfg.base, projector=cfg.init_projector, adapter=None, image_size=cfg.image_size,
+                          feature_layer=cfg.feature_layer)
     pipeline = llava.load_model(base, vtu=False, dtype="float32", attn_implementation="sdpa")
     summary = train(OmegaConf.to_container(cfg, resolve=True), pipeline, cfg.output_dir)
     print(f"trained {summary['steps']} steps, loss {summary['train_loss']:.4f}; "

@@ -185,10 +185,43 @@ def test_training_loss_equals_transformers_loss_and_labels_are_the_answers(testb
     torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("every_question", [False, True])
+def test_packed_blocks_give_each_answer_exactly_its_own_evaluation_prompt(testbed, every_question):
+    """TestbedBlocks + BlockCollator: each answer's logits in the packed, padded batch equal those of a separate
+    forward pass of that question's evaluation prompt and answer (so no block sees another's question or answer),
+    and the supervised tokens are exactly the answers with their <|im_end|>."""
+    from eval.testbed import data as tdata
+    from eval.testbed.train import BlockCollator, TestbedBlocks
+
+    blocks = TestbedBlocks(testbed, "train", 2, every_question=every_question)
+    items = [blocks[0], blocks[1]]
+    tokenizer = testbed.processor.tokenizer
+    batch = BlockCollator(tokenizer.pad_token_id)(items)
+    assert batch["attention_mask"].shape[-1] == max(len(it["input_ids"]) for it in items)  # one row is padded
+    model = testbed.model
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                       attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits
+    for row, ((seed, samples), item) in enumerate(zip(blocks.images, items)):
+        supervised = tokenizer.decode(item["input_ids"][item["labels"] != -100])
+        assert supervised == "".join(s.answer + "<|im_end|>" for s in samples)
+        image = tdata.render(tdata.make_scene(seed))
+        for block, sample in enumerate(samples, start=1):
+            prompt = testbed.prompt(sample.question, [image])
+            alone = testbed.processor(text=prompt + sample.answer + "<|im_end|>", images=[image], return_tensors="pt")
+            n_prompt = len(testbed.processor(text=prompt, images=[image])["input_ids"][0])
+            with torch.no_grad():
+                ref = model(**alone).logits[0, n_prompt - 1 : -1]  # the rows predicting the answer and <|im_end|>
+            at = (item["block_ids"] == block).nonzero().flatten()
+            rows = at[item["labels"][at] != -100] - 1
+            torch.testing.assert_close(packed[row, rows], ref, atol=1e-4, rtol=0)
+
+
 def test_a_training_folder_with_other_settings_is_refused(testbed, tmp_path):
     from eval.testbed.train import settings_record, train
 
-    cfg = {"num_images": 2, "every_question": False, "epochs": 1, "batch_size": 2, "learning_rate": 1e-3, "warmup_ratio": 0.0, "seed": 0,
+    cfg = {"num_images": 2, "every_question": False, "layout": "chat", "feature_layer": -2, "init_projector": None,
+           "train_projector": True, "epochs": 1, "batch_size": 2, "learning_rate": 1e-3, "warmup_ratio": 0.0, "seed": 0,
            "lora": None, "image_size": 224, "logging_steps": 1, "save_steps": 100, "max_minutes": None}
     (tmp_path / "train_settings.json").write_text(json.dumps(settings_record({**cfg, "num_images": 3})))
     with pytest.raises(FileExistsError, match="other settings.*num_images"):

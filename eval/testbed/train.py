@@ -6,7 +6,9 @@ projector alone does not reach the accuracy target. Each training sequence is on
 a multi-turn chat, rendered with the checkpoint's chat template: the first turn is exactly the prompt the evaluation
 pipeline writes (checked), the later turns follow it, and only the answers (each with its ``<|im_end|>``) are
 supervised. One image's 256 visual tokens thus serve about five answers, which matters on a CPU where the LLM's
-forward and backward pass over those tokens is the whole cost.
+forward and backward pass over those tokens is the whole cost. The ``blocks`` layout (:class:`TestbedBlocks`)
+instead packs each question's own evaluation prompt behind one shared image prefix with a block-causal mask, so
+every answer sees exactly its evaluation sequence and none can be read off an earlier turn.
 
 The loss is computed on the supervised positions only (the LM head runs on those rows, not on all 49153-way logits
 of every position); it equals transformers' causal-LM loss over the same labels.
@@ -29,7 +31,7 @@ from llava.prompts import SYSTEM_VICUNA_V1
 from . import data as tdata
 from .model import projector_state
 
-__all__ = ["TestbedChats", "ChatCollator", "ProjectorCheckpoints", "ProjectorTrainer", "supervised_loss", "chat_messages", "settings_record",
+__all__ = ["TestbedChats", "ChatCollator", "TestbedBlocks", "BlockCollator", "ProjectorCheckpoints", "ProjectorTrainer", "supervised_loss", "chat_messages", "settings_record",
            "train"]
 
 logger = logging.getLogger(__name__)
@@ -129,6 +131,105 @@ class ChatCollator:
                 "pixel_values": torch.cat([it["pixel_values"] for it in items])}
 
 
+class TestbedBlocks(Dataset):
+    """One item per image: the evaluation prompt of each of its questions, packed behind one shared image prefix.
+
+    The sequence is ``prefix | block_1 | ... | block_n``: the prefix is the evaluation prompt up to and including
+    the image's visual tokens (system turn, ``<|im_start|>user``, the expanded ``<image>``), and block ``i`` is the
+    rest of question ``i``'s evaluation prompt followed by its answer and ``<|im_end|>``. A block attends to the
+    prefix and causally to itself only, and its positions continue from the prefix's end, so every answer is
+    trained on exactly the sequence the evaluation pipeline builds for that question alone (tested against
+    separate forward passes), while the tower, the projector and the LLM's pass over the 256 visual tokens run
+    once per image. Unlike :class:`TestbedChats`, no answer can be read off an earlier turn.
+
+    Args:
+        pipeline, split, num_images, every_question: as in :class:`TestbedChats`.
+
+    Items: ``input_ids``, ``labels``, ``position_ids``, ``block_ids`` (all ``(T,)``; ``block_ids`` 0 on the prefix,
+    ``i`` on block ``i``) and ``pixel_values`` ``(1, 3, H, W)``; labels are -100 except on the answer tokens and
+    each answer's ``<|im_end|>``.
+    """
+
+    def __init__(self, pipeline, split: str, num_images: int, every_question: bool = False):
+        self.pipeline = pipeline
+        by_image: dict[int, list[tdata.Sample]] = {}
+        for sample in tdata.split_samples(split, num_images, every=every_question):
+            by_image.setdefault(sample.image_seed, []).append(sample)
+        self.images = sorted(by_image.items())
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        seed, samples = self.images[index]
+        image = tdata.render(tdata.make_scene(seed))
+        processor = self.pipeline.processor
+        end = processor.tokenizer.eos_token  # "<|im_end|>": what generation stops at
+        prompts = [self.pipeline.prompt(s.question, [image]) for s in samples]
+        first = processor(text=prompts[0], images=[image], return_tensors="pt")
+        first_ids = first["input_ids"][0]
+        image_positions = (first_ids == processor.image_token_id).nonzero().flatten()
+        prefix_len = int(image_positions[-1]) + 1
+        expanded = processor.image_token * len(image_positions)
+
+        def text_ids(text: str) -> torch.Tensor:
+            return torch.tensor(processor.tokenizer(text.replace(processor.image_token, expanded))["input_ids"])
+
+        if not torch.equal(text_ids(prompts[0]), first_ids):
+            raise RuntimeError("the prompt tokenises differently as text than through the processor")
+        prefix = first_ids[:prefix_len]
+        ids, labels, positions, blocks = [prefix], [torch.full_like(prefix, -100)], [torch.arange(prefix_len)], \
+            [torch.zeros_like(prefix)]
+        for block, (sample, prompt) in enumerate(zip(samples, prompts), start=1):
+            prompt_ids = text_ids(prompt)
+            full = text_ids(prompt + sample.answer + end)
+            if not (torch.equal(full[:prefix_len], prefix) and torch.equal(full[: len(prompt_ids)], prompt_ids)):
+                raise RuntimeError("a question's prompt does not tokenise prefix-stably; its answer cannot be found")
+            rest = full[prefix_len:]
+            label = rest.clone()
+            label[: len(prompt_ids) - prefix_len] = -100
+            ids.append(rest)
+            labels.append(label)
+            positions.append(torch.arange(prefix_len, len(full)))
+            blocks.append(torch.full_like(rest, block))
+        return {"input_ids": torch.cat(ids), "labels": torch.cat(labels), "position_ids": torch.cat(positions),
+                "block_ids": torch.cat(blocks), "pixel_values": first["pixel_values"]}
+
+
+@dataclass
+class BlockCollator:
+    """Right-pads a batch of :class:`TestbedBlocks` items and builds their block-causal attention.
+
+    ``attention_mask`` is a ``(B, 1, T, T)`` additive float mask (0 where a query may attend a key, the dtype's
+    minimum elsewhere), which transformers passes to the attention as it is: a key is visible when it is not later
+    than the query, not padding, and in the prefix or the query's own block. A padding query sees only itself, so
+    no row of the softmax is empty.
+    """
+
+    pad_token_id: int
+    dtype: torch.dtype = torch.float32
+
+    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        length = max(len(it["input_ids"]) for it in items)
+        batch = len(items)
+        ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, length), -100, dtype=torch.long)
+        positions = torch.zeros((batch, length), dtype=torch.long)
+        blocks = torch.full((batch, length), -1, dtype=torch.long)  # -1: padding
+        for row, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[row, :n], labels[row, :n] = it["input_ids"], it["labels"]
+            positions[row, :n], blocks[row, :n] = it["position_ids"], it["block_ids"]
+        query, key = blocks[:, :, None], blocks[:, None, :]  # (B, T, 1), (B, 1, T)
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        visible = causal & (key >= 0) & ((key == 0) | (key == query))
+        visible |= torch.eye(length, dtype=torch.bool)
+        mask = torch.zeros((batch, 1, length, length), dtype=self.dtype)
+        mask.masked_fill_(~visible[:, None], torch.finfo(self.dtype).min)
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": positions,
+                "pixel_values": torch.cat([it["pixel_values"] for it in items])}
+
+
 def _base_model(model):
     """The LLaVA model inside a ``peft`` wrapper (or ``model`` itself when it is not wrapped)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -142,12 +243,14 @@ def supervised_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
     Args:
         model: a ``LlavaForConditionalGeneration`` (or a ``peft`` model around one).
-        inputs: :class:`ChatCollator` output (``labels`` ``(B, T)``, -100 where unsupervised).
+        inputs: :class:`ChatCollator` or :class:`BlockCollator` output (``labels`` ``(B, T)``, -100 where
+            unsupervised; ``position_ids`` and a 4-D ``attention_mask`` from the latter).
     """
     labels = inputs["labels"]
     base = _base_model(model)
     hidden = base.model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
-                        attention_mask=inputs["attention_mask"]).last_hidden_state  # (B, T, C)
+                        attention_mask=inputs["attention_mask"],
+                        position_ids=inputs.get("position_ids")).last_hidden_state  # (B, T, C)
     targets = labels[:, 1:]
     keep = targets != -100
     logits = base.lm_head(hidden[:, :-1][keep])  # (n_supervised, V)
@@ -199,16 +302,23 @@ class ProjectorTrainer(Trainer):
 
 def settings_record(cfg: dict) -> dict:
     """What a training run's output folder is bound to (a resume with other settings is refused)."""
-    keys = ("num_images", "every_question", "epochs", "batch_size", "learning_rate", "warmup_ratio", "seed", "lora",
+    keys = ("num_images", "every_question", "layout", "feature_layer", "init_projector", "train_projector", "epochs", "batch_size", "learning_rate", "warmup_ratio", "seed", "lora",
             "image_size")
-    return {k: cfg[k] for k in keys} | {"generator_version": tdata.GENERATOR_VERSION}
+    record = {k: cfg[k] for k in keys} | {"generator_version": tdata.GENERATOR_VERSION}
+    if cfg["init_projector"] is not None:  # the file's content, not only its path, binds the run
+        from .weights import _sha256
+
+        record["init_projector_sha256"] = _sha256(Path(cfg["init_projector"]))
+    return record
 
 
 def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
     """Train the projector (and the LoRA, if ``cfg["lora"]``) and write ``projector.safetensors`` and a summary.
 
     Args:
-        cfg: ``num_images``, ``every_question`` (see :class:`TestbedChats`), ``epochs``, ``batch_size``, ``learning_rate``, ``warmup_ratio``, ``seed``, ``lora``
+        cfg: ``num_images``, ``every_question`` (see :class:`TestbedChats`), ``layout`` (``"blocks"``:
+            :class:`TestbedBlocks`, ``"chat"``: :class:`TestbedChats`), ``feature_layer`` (must be the model's
+            ``vision_feature_layer``), ``epochs``, ``batch_size``, ``learning_rate``, ``warmup_ratio``, ``seed``, ``lora``
             (null or ``{"r": ..., "alpha": ..., "target_modules": [...]}``), ``image_size``, ``logging_steps``,
             ``save_steps``, ``max_minutes`` (stop early after this much wall time, null: no limit).
         pipeline: the testbed pipeline (unpatched: the encoder is unmodified during training).
@@ -220,6 +330,8 @@ def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
     Raises:
         FileExistsError: ``output_dir`` holds a run with other settings (the message names them; nothing is
             deleted).
+        ValueError: an unknown ``layout``; ``feature_layer`` is not the model's; nothing to train
+            (``train_projector`` false and no ``lora``).
     """
     from safetensors.torch import save_file
 
@@ -237,8 +349,11 @@ def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
         settings_file.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
     model = pipeline.model
+    train_projector = cfg.get("train_projector", True)
+    if not train_projector and not cfg.get("lora"):
+        raise ValueError("train_projector=false with lora=null leaves nothing to train; enable one of them.")
     for name, p in model.named_parameters():
-        p.requires_grad = ".multi_modal_projector." in name
+        p.requires_grad = train_projector and ".multi_modal_projector." in name
     if cfg.get("lora"):
         from peft import LoraConfig, get_peft_model
 
@@ -250,15 +365,25 @@ def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
         model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0,
                                                  target_modules=target))
         for name, p in model.named_parameters():
-            if ".multi_modal_projector." in name:
+            if train_projector and ".multi_modal_projector." in name:
                 p.requires_grad = True
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("training %d parameters", trainable)
 
     # The LLaVA-1.5 family's prompt carries the vicuna_v1 system sentence; TestbedChats checks the first turn
     # against the pipeline's own prompt, so a family that wrote another one would stop training at once.
-    dataset = TestbedChats(pipeline, "train", cfg["num_images"], system=SYSTEM_VICUNA_V1,
-                           every_question=cfg["every_question"])
+    if cfg["layout"] == "blocks":
+        dataset = TestbedBlocks(pipeline, "train", cfg["num_images"], every_question=cfg["every_question"])
+        collator = BlockCollator(pipeline.processor.tokenizer.pad_token_id)
+    elif cfg["layout"] == "chat":
+        dataset = TestbedChats(pipeline, "train", cfg["num_images"], system=SYSTEM_VICUNA_V1,
+                               every_question=cfg["every_question"])
+        collator = ChatCollator(pipeline.processor.tokenizer.pad_token_id)
+    else:
+        raise ValueError(f"layout must be 'blocks' or 'chat', not {cfg['layout']!r}")
+    if pipeline.model.config.vision_feature_layer != cfg["feature_layer"]:
+        raise ValueError(f"the model reads tower layer {pipeline.model.config.vision_feature_layer}, the settings "
+                         f"say feature_layer={cfg['feature_layer']}; build the base with the same feature layer.")
     steps_per_epoch = math.ceil(len(dataset) / cfg["batch_size"])
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=cfg["batch_size"], num_train_epochs=cfg["epochs"],
@@ -281,7 +406,7 @@ def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
     last = get_last_checkpoint(str(out))
     resume = Path(last) if last else None
     trainer = ProjectorTrainer(model=model, args=args, train_dataset=dataset,
-                               data_collator=ChatCollator(pipeline.processor.tokenizer.pad_token_id),
+                               data_collator=collator,
                                callbacks=[TimeLimit(), ProjectorCheckpoints(resume)])
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     save_file(projector_state(_base_model(model)), str(out / "projector.safetensors"))
