@@ -47,7 +47,22 @@ def chat_messages(system: str, samples: list[tdata.Sample]) -> list[dict]:
     return messages
 
 
-class TestbedChats(Dataset):
+class _ImageQuestions(Dataset):
+    """Base of the training datasets: the questions of images ``0 .. num_images - 1`` of ``split``, grouped per
+    image (``self.images``: ``[(image_seed, [Sample, ...]), ...]`` in seed order), one item per image."""
+
+    def __init__(self, pipeline, split: str, num_images: int, every_question: bool = False):
+        self.pipeline = pipeline
+        by_image: dict[int, list[tdata.Sample]] = {}
+        for sample in tdata.split_samples(split, num_images, every=every_question):
+            by_image.setdefault(sample.image_seed, []).append(sample)
+        self.images = sorted(by_image.items())
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+class TestbedChats(_ImageQuestions):
     """One item per image: its questions as a multi-turn chat, tokenised with the image expanded.
 
     Args:
@@ -64,15 +79,8 @@ class TestbedChats(Dataset):
     """
 
     def __init__(self, pipeline, split: str, num_images: int, system: str, every_question: bool = False):
-        self.pipeline = pipeline
+        super().__init__(pipeline, split, num_images, every_question)
         self.system = system
-        by_image: dict[int, list[tdata.Sample]] = {}
-        for sample in tdata.split_samples(split, num_images, every=every_question):
-            by_image.setdefault(sample.image_seed, []).append(sample)
-        self.images = sorted(by_image.items())
-
-    def __len__(self) -> int:
-        return len(self.images)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         seed, samples = self.images[index]
@@ -131,7 +139,7 @@ class ChatCollator:
                 "pixel_values": torch.cat([it["pixel_values"] for it in items])}
 
 
-class TestbedBlocks(Dataset):
+class TestbedBlocks(_ImageQuestions):
     """One item per image: the evaluation prompt of each of its questions, packed behind one shared image prefix.
 
     The sequence is ``prefix | block_1 | ... | block_n``: the prefix is the evaluation prompt up to and including
@@ -149,16 +157,6 @@ class TestbedBlocks(Dataset):
     ``i`` on block ``i``) and ``pixel_values`` ``(1, 3, H, W)``; labels are -100 except on the answer tokens and
     each answer's ``<|im_end|>``.
     """
-
-    def __init__(self, pipeline, split: str, num_images: int, every_question: bool = False):
-        self.pipeline = pipeline
-        by_image: dict[int, list[tdata.Sample]] = {}
-        for sample in tdata.split_samples(split, num_images, every=every_question):
-            by_image.setdefault(sample.image_seed, []).append(sample)
-        self.images = sorted(by_image.items())
-
-    def __len__(self) -> int:
-        return len(self.images)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         seed, samples = self.images[index]
