@@ -229,6 +229,21 @@ def test_a_training_folder_with_other_settings_is_refused(testbed, tmp_path):
     assert json.loads((tmp_path / "train_settings.json").read_text())["num_images"] == 3  # nothing overwritten
 
 
+@pytest.mark.parametrize("bad, match", [({"layout": "blokcs"}, "layout must be"),
+                                        ({"feature_layer": 6}, "reads tower layer -2"),
+                                        ({"train_projector": False}, "nothing to train")])
+def test_bad_training_settings_are_refused_before_anything_is_written(testbed, tmp_path, bad, match):
+    from eval.testbed.train import train
+
+    cfg = {"num_images": 2, "every_question": False, "layout": "chat", "feature_layer": -2, "init_projector": None,
+           "train_projector": True, "epochs": 1, "batch_size": 2, "learning_rate": 1e-3, "warmup_ratio": 0.0,
+           "seed": 0, "lora": None, "image_size": 224, "logging_steps": 1, "save_steps": 100, "max_minutes": None}
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=match):
+        train({**cfg, **bad}, testbed, out)
+    assert not out.exists()  # the corrected command can reuse the folder
+
+
 # ------------------------------------------------------------------------------------------------ benchmark
 def test_benchmark_scores_per_type_and_refuses_unknown_types(tmp_path):
     from eval.benchmarks.testbed import TestbedBenchmark

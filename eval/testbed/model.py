@@ -37,10 +37,10 @@ __all__ = ["BUILD_VERSION", "SHIPPED_PROJECTOR", "ADAPTER_FILES", "IMAGE_TOKEN",
 logger = logging.getLogger(__name__)
 
 BUILD_VERSION = "1"
+"""Bumped whenever :func:`build_testbed` would write a different checkpoint from the same inputs."""
 
 FEATURE_LAYER = -2
 """Default tower hidden-state index whose patch tokens feed the projector (``LlavaConfig.vision_feature_layer``)."""
-"""Bumped whenever :func:`build_testbed` would write a different checkpoint from the same inputs."""
 
 SHIPPED_PROJECTOR = Path(__file__).resolve().parents[1] / "data" / "testbed" / "projector.safetensors"
 """The trained projector committed to the repository (see its model card, ``README.md`` beside it)."""

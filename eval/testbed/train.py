@@ -333,6 +333,14 @@ def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
     """
     from safetensors.torch import save_file
 
+    # Bad settings are refused before anything is written, so fixing them needs no new output folder.
+    if cfg["layout"] not in ("blocks", "chat"):
+        raise ValueError(f"layout must be 'blocks' or 'chat', not {cfg['layout']!r}")
+    if pipeline.model.config.vision_feature_layer != cfg["feature_layer"]:
+        raise ValueError(f"the model reads tower layer {pipeline.model.config.vision_feature_layer}, the settings "
+                         f"say feature_layer={cfg['feature_layer']}; build the base with the same feature layer.")
+    if not cfg["train_projector"] and not cfg.get("lora"):
+        raise ValueError("train_projector=false with lora=null leaves nothing to train; enable one of them.")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = settings_record(cfg)
@@ -347,9 +355,7 @@ def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
         settings_file.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
     model = pipeline.model
-    train_projector = cfg.get("train_projector", True)
-    if not train_projector and not cfg.get("lora"):
-        raise ValueError("train_projector=false with lora=null leaves nothing to train; enable one of them.")
+    train_projector = cfg["train_projector"]
     for name, p in model.named_parameters():
         p.requires_grad = train_projector and ".multi_modal_projector." in name
     if cfg.get("lora"):
@@ -373,15 +379,10 @@ def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
     if cfg["layout"] == "blocks":
         dataset = TestbedBlocks(pipeline, "train", cfg["num_images"], every_question=cfg["every_question"])
         collator = BlockCollator(pipeline.processor.tokenizer.pad_token_id)
-    elif cfg["layout"] == "chat":
+    else:
         dataset = TestbedChats(pipeline, "train", cfg["num_images"], system=SYSTEM_VICUNA_V1,
                                every_question=cfg["every_question"])
         collator = ChatCollator(pipeline.processor.tokenizer.pad_token_id)
-    else:
-        raise ValueError(f"layout must be 'blocks' or 'chat', not {cfg['layout']!r}")
-    if pipeline.model.config.vision_feature_layer != cfg["feature_layer"]:
-        raise ValueError(f"the model reads tower layer {pipeline.model.config.vision_feature_layer}, the settings "
-                         f"say feature_layer={cfg['feature_layer']}; build the base with the same feature layer.")
     steps_per_epoch = math.ceil(len(dataset) / cfg["batch_size"])
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=cfg["batch_size"], num_train_epochs=cfg["epochs"],
