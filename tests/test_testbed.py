@@ -331,3 +331,43 @@ def test_train_script_trains_saves_the_projector_and_resumes(testbed_path, tmp_p
     assert all(torch.equal(adapter_after[k], adapter[k]) for k in adapter)
     other = subprocess.run([*args, "learning_rate=0.01"], env=env, capture_output=True, text=True, timeout=900)
     assert other.returncode != 0 and "other settings" in other.stderr
+
+
+def test_projector_alignment_moves_only_the_projector_onto_its_patch_word_targets(testbed_path):
+    import llava
+    from eval.testbed import data as tdata
+    from eval.testbed.align import align_projector, patch_targets, tower_features, word_table
+
+    pipe = llava.load_model(testbed_path, dymu=None, vtu=False, dtype="float32", attn_implementation="sdpa",
+                            local_files_only=True)  # a fresh copy: the session's model must keep its projector
+    model, processor = pipe.model, pipe.processor
+    table = word_table(processor.tokenizer, model.get_input_embeddings().weight)
+    red = processor.tokenizer(" red", add_special_tokens=False)["input_ids"]
+    assert len(red) == 1 and torch.equal(table["red"], model.get_input_embeddings().weight[red[0]])
+    scene = tdata.make_scene(tdata.SPLITS["val"] + 3)
+    targets = patch_targets(scene, table, 14)
+    labels = torch.from_numpy(tdata.patch_labels(scene, 14))
+    shape = scene.shapes[0]
+    side = "left" if shape.center[0] < 112 else "right"
+    assert torch.equal(targets[labels == 1][0], table[shape.color] + table[shape.kind] + table[side])
+    assert torch.equal(targets[labels == 0][0], table["background"])
+
+    seeds = [tdata.SPLITS["val"] + i for i in range(20)]
+    feats = tower_features(model, processor, seeds, progress=False).flatten(0, 1).float()
+    wanted = torch.stack([patch_targets(tdata.make_scene(s), table, 14) for s in seeds]).flatten(0, 1)
+    projector = model.model.multi_modal_projector
+
+    def val_mse():
+        with torch.no_grad():
+            return float(((projector(feats) - wanted) ** 2).sum(-1).mean())
+
+    before_mse = val_mse()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = align_projector(model, processor, num_images=60, epochs=4, val_images=20, progress=False)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".multi_modal_projector." in k for k in changed)
+    assert val_mse() < 0.5 * before_mse
+    assert result["val"]["background_patches"] > 0.9 and 0.0 <= result["val"]["object_patches"] <= 1.0
+    with pytest.raises(ValueError, match="num_images"):
+        align_projector(model, processor, num_images=0, epochs=1)

@@ -424,3 +424,46 @@ def test_bad_input_raises_value_error(tmp_path):
         D.render(D.Scene(0, SIZE, "flat", (D.Shape("hexagon", "red", "small", (50, 50), 15.0),)))
     with pytest.raises(ValueError, match="at least one shape"):
         D.questions(D.Scene(0, SIZE, "flat", ()))
+
+
+def test_shape_mask_marks_exactly_the_pixels_of_each_shape_fill_on_flat_backgrounds():
+    # Independent of the drawing code: on a flat background, a pixel of the rendered image has a shape's exact fill
+    # colour only where that shape lies (muted backgrounds avoid the shape colours), so every such pixel must carry
+    # the label of a shape of that colour, and the mask's shape pixels must mostly show that colour (the rest is the
+    # outline).
+    for seed in _seeds_with("flat", 12):
+        scene = D.make_scene(seed)
+        pixels = np.asarray(D.render(scene))
+        mask = D.shape_mask(scene)
+        assert mask.shape == (SIZE, SIZE) and set(np.unique(mask)) <= set(range(len(scene.shapes) + 1))
+        for index, shape in enumerate(scene.shapes, start=1):
+            fill = np.all(pixels == D.COLOURS[shape.color], axis=-1)
+            mine = mask == index
+            assert mine.sum() > 0
+            assert fill[mine].mean() > 0.4, (seed, shape)  # small stars: the outline is nearly half
+            same_colour = [i for i, s in enumerate(scene.shapes, start=1) if s.color == shape.color]
+            assert np.isin(mask[fill], same_colour).all(), (seed, shape)
+
+
+def test_patch_labels_name_the_shape_covering_each_patch():
+    for seed in range(40):
+        scene = D.make_scene(seed)
+        labels = D.patch_labels(scene, 14)
+        mask = D.shape_mask(scene)
+        assert labels.shape == (256,) and labels.dtype == np.int64
+        # every shape shows in at least one patch, and a labelled patch is mostly that shape
+        assert set(range(1, len(scene.shapes) + 1)) <= set(labels.tolist()), seed
+        for p in np.flatnonzero(labels):
+            r, c = divmod(int(p), 16)
+            block = mask[14 * r:14 * r + 14, 14 * c:14 * c + 14]
+            assert (block == labels[p]).mean() >= 0.25
+        for p in np.flatnonzero(labels == 0):
+            r, c = divmod(int(p), 16)
+            block = mask[14 * r:14 * r + 14, 14 * c:14 * c + 14]
+            assert max((block == i).mean() for i in range(1, len(scene.shapes) + 1)) < 0.25
+    # a larger patch pools more pixels: 28 px patches make an 8 x 8 grid
+    assert D.patch_labels(D.make_scene(0), 28).shape == (64,)
+    with pytest.raises(ValueError, match="patch_size"):
+        D.patch_labels(D.make_scene(0), 0)
+    with pytest.raises(ValueError, match="min_cover"):
+        D.patch_labels(D.make_scene(0), 14, min_cover=0.0)
