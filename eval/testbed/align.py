@@ -163,7 +163,7 @@ def align_projector(model, processor, *, num_images: int, epochs: int, learning_
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += float(loss) * len(rows)
+            total += loss.item() * len(rows)
         train_mse = total / len(x)
     result = {"train_mse": round(train_mse, 4)}
     if val_images:
