@@ -16,8 +16,8 @@ tower's features; nothing at inference uses the labels.
 from __future__ import annotations
 
 import logging
+import math
 
-import numpy as np
 import torch
 
 from . import data as tdata
@@ -139,8 +139,9 @@ def align_projector(model, processor, *, num_images: int, epochs: int, learning_
         feats = tower_features(model, processor, seeds, image_size, progress)
         scenes = [tdata.make_scene(s, image_size) for s in seeds]
         targets = torch.stack([patch_targets(sc, table, patch_size) for sc in scenes])
-        objects = torch.stack([torch.from_numpy(tdata.patch_labels(sc, patch_size) > 0) for sc in scenes])
-        return feats.flatten(0, 1), targets.flatten(0, 1), objects.flatten()
+        targets = targets.flatten(0, 1)
+        objects = ~(targets == table[BACKGROUND_WORD]).all(-1)  # a shape's target is never the background row
+        return feats.flatten(0, 1), targets, objects
 
     x, y, objects = split_data("train", num_images)
     weight = 1.0 + (object_weight - 1.0) * objects.float()
@@ -165,6 +166,8 @@ def align_projector(model, processor, *, num_images: int, epochs: int, learning_
             schedule.step()
             total += loss.item() * len(rows)
         train_mse = total / len(x)
+    if not math.isfinite(train_mse):
+        raise RuntimeError(f"the projector alignment diverged (training MSE {train_mse}); lower learning_rate")
     result = {"train_mse": round(train_mse, 4)}
     if val_images:
         xv, yv, ov = split_data("val", val_images)
@@ -172,6 +175,4 @@ def align_projector(model, processor, *, num_images: int, epochs: int, learning_
             pred = projector(xv.float())
         result["val"] = {k: round(v, 4) for k, v in _nearest_word_accuracy(pred, yv, ov).items()}
     logger.info("projector aligned: %s", result)
-    if not np.isfinite(train_mse):
-        raise RuntimeError(f"the projector alignment diverged (training MSE {train_mse}); lower learning_rate")
     return result

@@ -377,7 +377,7 @@ def render(scene: Scene) -> Image.Image:
     luminance = background.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     image = Image.fromarray(np.ascontiguousarray(background), mode="RGB")
     draw = ImageDraw.Draw(image)
-    width = max(1, round(size / 112))
+    width = _outline_width(size)
     for shape in scene.shapes:
         cx, cy = shape.center
         r = shape.radius
@@ -387,6 +387,11 @@ def render(scene: Scene) -> Image.Image:
         outline = _DARK_OUTLINE if (local.mean() if local.size else 128.0) > 120.0 else _LIGHT_OUTLINE
         _draw_shape(draw, shape, COLOURS[shape.color], outline, width)
     return image
+
+
+def _outline_width(size: int) -> int:
+    """Outline width in pixels (about ``size / 112``), shared by :func:`render` and :func:`shape_mask`."""
+    return max(1, round(size / 112))
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, fill, outline=None, width: int = 0) -> None:
@@ -419,7 +424,7 @@ def shape_mask(scene: Scene) -> np.ndarray:
             raise ValueError(f"unknown shape kind {shape.kind!r}; valid kinds: {', '.join(SHAPES)}")
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
-    width = max(1, round(size / 112))
+    width = _outline_width(size)
     for index, shape in enumerate(scene.shapes, start=1):
         _draw_shape(draw, shape, index, index, width)
     return np.asarray(mask)
