@@ -20,7 +20,9 @@ setup(
     packages=find_packages(include=["dymu", "dymu.*", "llava", "llava.*", "eval", "eval.*"]),
     package_data={
         "dymu": ["data/thresholds/*.json"],
-        "eval": ["data/*/*.jsonl", "data/*/images/*"],
+        "eval": ["data/*/*.jsonl", "data/*/images/*",
+                 # the testbed's trained weights and model card (eval/testbed/model.py reads them at build time)
+                 "data/testbed/*.safetensors", "data/testbed/*.json", "data/testbed/*.md", "data/testbed/lora/*"],
     },
     install_requires=[
         "torch>=2.4",

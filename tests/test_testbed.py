@@ -44,6 +44,14 @@ def testbed_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def converted_path(testbed_path) -> Path:
+    """The conversion alone: no trained projector, no LoRA (the folder scripts/train_testbed.py builds as its base)."""
+    from eval.testbed.model import ensure_testbed
+
+    return ensure_testbed(testbed_path.parent / "testbed_base", projector=None, adapter=None)
+
+
+@pytest.fixture(scope="session")
 def testbed(testbed_path):
     import llava
 
@@ -81,9 +89,14 @@ def test_converted_tower_equals_the_onnx_graph_on_a_real_image(testbed):
     torch.testing.assert_close(cached, mine, atol=0, rtol=0)
 
 
-def test_llm_logits_are_reproduced_after_conversion(testbed):
-    """Text-only logits of the testbed equal those of SmolLM2 as transformers reads it from the GGUF file; the image
-    token's logit is exactly 0; and the real weights answer a simple question correctly."""
+def test_llm_logits_are_reproduced_after_conversion(converted_path):
+    """Text-only logits of the converted testbed (before the shipped LoRA is merged) equal those of SmolLM2 as
+    transformers reads it from the GGUF file; the image token's logit is exactly 0; and the real weights answer a
+    simple question correctly."""
+    import llava
+
+    testbed = llava.load_model(converted_path, dymu=None, vtu=False, dtype="float32", attn_implementation="sdpa",
+                               local_files_only=True)
     llm, tokenizer = tw.load_smollm2(tw.locate(tw.LLM_GGUF))
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     reference = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
@@ -218,9 +231,10 @@ def test_packed_blocks_give_each_answer_exactly_its_own_evaluation_prompt(testbe
 
 
 def test_a_training_folder_with_other_settings_is_refused(testbed, tmp_path):
+    from eval.testbed.model import FEATURE_LAYER
     from eval.testbed.train import settings_record, train
 
-    cfg = {"num_images": 2, "every_question": False, "layout": "chat", "feature_layer": -2, "init_projector": None,
+    cfg = {"num_images": 2, "every_question": False, "layout": "chat", "feature_layer": FEATURE_LAYER, "init_projector": None,
            "train_projector": True, "epochs": 1, "batch_size": 2, "learning_rate": 1e-3, "warmup_ratio": 0.0, "seed": 0,
            "lora": None, "image_size": 224, "logging_steps": 1, "save_steps": 100, "max_minutes": None}
     (tmp_path / "train_settings.json").write_text(json.dumps(settings_record({**cfg, "num_images": 3})))
@@ -230,12 +244,15 @@ def test_a_training_folder_with_other_settings_is_refused(testbed, tmp_path):
 
 
 @pytest.mark.parametrize("bad, match", [({"layout": "blokcs"}, "layout must be"),
-                                        ({"feature_layer": 6}, "reads tower layer -2"),
-                                        ({"train_projector": False}, "nothing to train")])
+                                        ({"feature_layer": 3}, "reads tower layer 6"),
+                                        ({"train_projector": False}, "nothing to train"),
+                                        ({"align": {"num_images": 4, "epoch": 1}}, "align takes num_images")])
 def test_bad_training_settings_are_refused_before_anything_is_written(testbed, tmp_path, bad, match):
+    from eval.testbed.model import FEATURE_LAYER
     from eval.testbed.train import train
 
-    cfg = {"num_images": 2, "every_question": False, "layout": "chat", "feature_layer": -2, "init_projector": None,
+    assert FEATURE_LAYER == 6  # the match above names it
+    cfg = {"num_images": 2, "every_question": False, "layout": "chat", "feature_layer": FEATURE_LAYER, "init_projector": None,
            "train_projector": True, "epochs": 1, "batch_size": 2, "learning_rate": 1e-3, "warmup_ratio": 0.0,
            "seed": 0, "lora": None, "image_size": 224, "logging_steps": 1, "save_steps": 100, "max_minutes": None}
     out = tmp_path / "run"
@@ -296,9 +313,10 @@ def test_the_shipped_projector_reproduces_its_recorded_accuracy(testbed, tmp_pat
 
 
 def test_train_script_trains_saves_the_projector_and_resumes(testbed_path, tmp_path):
-    """scripts/train_testbed.py as a user runs it, with a LoRA as the shipped recipe has: two images, one step, a
-    checkpoint; the rerun resumes from it (no step is trained twice: projector and adapter unchanged) and a rerun
-    with other settings is refused without touching the folder."""
+    """scripts/train_testbed.py as a user runs it, the shipped recipe (alignment stage, then a LoRA) scaled down:
+    two images, one step, a checkpoint; the rerun resumes from it (the alignment is reused, not redone; no step is
+    trained twice: projector and adapter unchanged) and a rerun with other settings is refused without touching
+    the folder."""
     import subprocess
     import sys
 
@@ -310,13 +328,17 @@ def test_train_script_trains_saves_the_projector_and_resumes(testbed_path, tmp_p
     out = tmp_path / "run"
     args = [sys.executable, str(REPO / "scripts" / "train_testbed.py"), "num_images=2", "batch_size=2",
             "save_steps=1", "logging_steps=1", f"output_dir={out}", f"base={cache / 'testbed_base'}",
-            "lora={r: 2, alpha: 4, target_modules: [q_proj, down_proj]}"]
+            "lora={r: 2, alpha: 4, target_modules: [q_proj, down_proj]}", "align.num_images=4", "align.epochs=1", "+align.val_images=0",
+            "train_projector=true"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", DYMU_OUTPUT_DIR=str(tmp_path / "outputs"))
     first = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 1 and summary["images"] == 2 and (out / "checkpoint-1").is_dir()
     state = load_file(str(out / "projector.safetensors"))
+    aligned = load_file(str(out / "aligned_projector.safetensors"))
+    assert set(aligned) == set(state) and any(not torch.equal(aligned[k], state[k]) for k in state)  # then trained
+    assert summary["align_result"]["train_mse"] > 0
     adapter = load_file(str(out / "lora" / "adapter_model.safetensors"))
     assert len(adapter) == 2 * 2 * 30 and all(".language_model." in k for k in adapter)  # A and B, 2 modules, 30 layers
     assert sorted(state) == ["model.multi_modal_projector.linear_1.bias", "model.multi_modal_projector.linear_1.weight",
@@ -325,6 +347,8 @@ def test_train_script_trains_saves_the_projector_and_resumes(testbed_path, tmp_p
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = json.loads((out / "train_summary.json").read_text())
     assert resumed["steps"] == 1  # resumed at step 1 of 1: nothing trained again
+    assert "reusing the aligned projector" in again.stdout + again.stderr
+    assert resumed["align_result"] == summary["align_result"]
     after = load_file(str(out / "projector.safetensors"))
     assert all(torch.equal(after[k], state[k]) for k in state)
     adapter_after = load_file(str(out / "lora" / "adapter_model.safetensors"))
@@ -333,13 +357,13 @@ def test_train_script_trains_saves_the_projector_and_resumes(testbed_path, tmp_p
     assert other.returncode != 0 and "other settings" in other.stderr
 
 
-def test_projector_alignment_moves_only_the_projector_onto_its_patch_word_targets(testbed_path):
+def test_projector_alignment_moves_only_the_projector_onto_its_patch_word_targets(converted_path):
     import llava
     from eval.testbed import data as tdata
     from eval.testbed.align import align_projector, patch_targets, tower_features, word_table
 
-    pipe = llava.load_model(testbed_path, dymu=None, vtu=False, dtype="float32", attn_implementation="sdpa",
-                            local_files_only=True)  # a fresh copy: the session's model must keep its projector
+    pipe = llava.load_model(converted_path, dymu=None, vtu=False, dtype="float32", attn_implementation="sdpa",
+                            local_files_only=True)  # untrained projector (the shipped one is aligned already)
     model, processor = pipe.model, pipe.processor
     table = word_table(processor.tokenizer, model.get_input_embeddings().weight)
     red = processor.tokenizer(" red", add_special_tokens=False)["input_ids"]

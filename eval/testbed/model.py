@@ -1,15 +1,15 @@
 """The testbed VLM: transformers' own :class:`~transformers.LlavaForConditionalGeneration` with the packaged DINOv2
 ViT-S/14 tower, a LLaVA-1.5 MLP projector (Linear 384 -> 576, GELU, Linear 576 -> 576) and SmolLM2-135M-Instruct.
 
-Geometry: 224 px inputs, patch 14, so 16x16 = 256 patch tokens + CLS (``N0 = 257``); features of the second-to-last
-layer with CLS dropped (LLaVA-1.5's ``vision_feature_layer=-2``, ``"default"`` strategy), 256 visual tokens per image
-before merging. The tokenizer is SmolLM2's plus one special token ``<image>`` (id 49152); its embedding row is zero,
+Geometry: 224 px inputs, patch 14, so 16x16 = 256 patch tokens + CLS (``N0 = 257``); features of tower layer 6 of
+12 (:data:`FEATURE_LAYER`; LLaVA-1.5 reads the second-to-last) with CLS dropped (the ``"default"`` strategy), 256
+visual tokens per image before merging. The tokenizer is SmolLM2's plus one special token ``<image>`` (id 49152); its embedding row is zero,
 so the image token's logit is exactly 0 and the text vocabulary's logits are SmolLM2's. The chat template is
 SmolLM2's ChatML format with ``<image>`` and a newline per image before the question.
 
 Building (:func:`build_testbed`) converts the packaged weights (:mod:`eval.testbed.weights`), installs a projector
 (the trained one shipped in ``eval/data/testbed/projector.safetensors``, or a seeded random one for training it) and
-optionally merges a LoRA adapter, trained with the projector, into the LLM's linear layers (none ships yet: see
+merges a LoRA adapter trained with it into the LLM's linear layers (the shipped one by default: see
 ``docs/testbed.md``). Merging (``peft``'s ``merge_and_unload``: ``W + (alpha / r) B A``) leaves a plain
 ``LlamaForCausalLM`` inside, so the patches and every tool see an ordinary checkpoint. :func:`ensure_testbed` caches
 the result as a checkpoint folder (``save_pretrained``) that :func:`llava.load_model` loads like any hub checkpoint,
@@ -30,7 +30,7 @@ import transformers
 
 from .weights import INSTALL_HINT, LLM_GGUF, VISION_ONNX, _sha256, dinov2_config, load_smollm2, locate, read_dinov2_onnx
 
-__all__ = ["BUILD_VERSION", "SHIPPED_PROJECTOR", "ADAPTER_FILES", "IMAGE_TOKEN", "CHAT_TEMPLATE",
+__all__ = ["BUILD_VERSION", "SHIPPED_PROJECTOR", "SHIPPED_ADAPTER", "ADAPTER_FILES", "IMAGE_TOKEN", "CHAT_TEMPLATE",
            "IMAGENET_MEAN", "IMAGENET_STD", "FEATURE_LAYER", "testbed_processor", "build_testbed", "ensure_testbed", "merge_adapter",
            "projector_state", "MARKER_FILE", "INSTALL_HINT"]
 
@@ -39,11 +39,16 @@ logger = logging.getLogger(__name__)
 BUILD_VERSION = "1"
 """Bumped whenever :func:`build_testbed` would write a different checkpoint from the same inputs."""
 
-FEATURE_LAYER = -2
-"""Default tower hidden-state index whose patch tokens feed the projector (``LlavaConfig.vision_feature_layer``)."""
+FEATURE_LAYER = 6
+"""Default tower hidden-state index whose patch tokens feed the projector (``LlavaConfig.vision_feature_layer``): the
+middle of the 12 layers, where a probe still reads both colour and kind (LLaVA-1.5's -2 has lost most colour:
+docs/testbed.md). The shipped projector and adapter were trained on it."""
 
 SHIPPED_PROJECTOR = Path(__file__).resolve().parents[1] / "data" / "testbed" / "projector.safetensors"
 """The trained projector committed to the repository (see its model card, ``README.md`` beside it)."""
+
+SHIPPED_ADAPTER = SHIPPED_PROJECTOR.parent / "lora"
+"""The LoRA adapter trained with it (a ``peft`` adapter folder), merged into the LLM at build time."""
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 """The files of a ``peft`` adapter folder that a build reads (and hashes)."""
@@ -146,7 +151,7 @@ def merge_adapter(model, adapter: Path):
 
 
 def build_testbed(path: str | os.PathLike, projector: str | os.PathLike | None = SHIPPED_PROJECTOR,
-                  adapter: str | os.PathLike | None = None, image_size: int = 224, seed: int = 0,
+                  adapter: str | os.PathLike | None = SHIPPED_ADAPTER, image_size: int = 224, seed: int = 0,
                   feature_layer: int = FEATURE_LAYER) -> Path:
     """Convert the packaged weights into a LLaVA checkpoint at ``path`` (``save_pretrained``; about 1 minute).
 
@@ -154,8 +159,8 @@ def build_testbed(path: str | os.PathLike, projector: str | os.PathLike | None =
         path: output folder (created; existing files are overwritten).
         projector: a ``.safetensors`` file of projector weights (:func:`projector_state` keys), or None for a
             projector initialised with ``seed`` (the starting point of training).
-        adapter: a ``peft`` LoRA adapter folder merged into the LLM (:func:`merge_adapter`), or None for SmolLM2's
-            weights as they are.
+        adapter: a ``peft`` LoRA adapter folder merged into the LLM (:func:`merge_adapter`; default the shipped
+            one, :data:`SHIPPED_ADAPTER`), or None for SmolLM2's weights as they are (the start of training).
         image_size: tower input size in px (a multiple of 14).
         seed: seed of the projector's initialisation when ``projector`` is None.
         feature_layer: the tower's hidden-state index that feeds the projector (``vision_feature_layer``; 0 is
@@ -225,7 +230,7 @@ def build_testbed(path: str | os.PathLike, projector: str | os.PathLike | None =
 
 
 def ensure_testbed(path: str | os.PathLike, projector: str | os.PathLike | None = SHIPPED_PROJECTOR,
-                   adapter: str | os.PathLike | None = None, image_size: int = 224,
+                   adapter: str | os.PathLike | None = SHIPPED_ADAPTER, image_size: int = 224,
                    feature_layer: int = FEATURE_LAYER) -> Path:
     """Return ``path`` holding the testbed checkpoint built from the installed packages and ``projector``.
 

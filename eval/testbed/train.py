@@ -303,11 +303,37 @@ def settings_record(cfg: dict) -> dict:
     keys = ("num_images", "every_question", "layout", "feature_layer", "init_projector", "train_projector", "epochs", "batch_size", "learning_rate", "warmup_ratio", "seed", "lora",
             "image_size")
     record = {k: cfg[k] for k in keys} | {"generator_version": tdata.GENERATOR_VERSION}
+    if cfg.get("align"):  # only when set, so folders written before the alignment stage existed still resume
+        record["align"] = dict(cfg["align"])
     if cfg["init_projector"] is not None:  # the file's content, not only its path, binds the run
         from .weights import _sha256
 
         record["init_projector_sha256"] = _sha256(Path(cfg["init_projector"]))
     return record
+
+
+def _align_stage(cfg: dict, pipeline, out: Path) -> dict:
+    """Align the projector (:func:`eval.testbed.align.align_projector`) once per output folder; a rerun loads the
+    saved result instead of computing it again. Returns the alignment's result record."""
+    from safetensors.torch import load_file, save_file
+
+    from .align import align_projector
+
+    weights, record = out / "aligned_projector.safetensors", out / "align_result.json"
+    model = pipeline.model
+    if weights.is_file() and record.is_file():
+        result = model.load_state_dict(load_file(str(weights)), strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{weights} holds keys the model does not have: {result.unexpected_keys[:3]}")
+        logger.info("reusing the aligned projector in %s", weights)
+        return json.loads(record.read_text(encoding="utf-8"))
+    started = time.time()
+    result = align_projector(model, pipeline.processor, **cfg["align"], seed=cfg["seed"],
+                             image_size=cfg["image_size"])
+    result["seconds"] = round(time.time() - started, 1)
+    save_file(projector_state(model), str(weights))
+    record.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")  # last: marks it done
+    return result
 
 
 def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
@@ -318,7 +344,11 @@ def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
             :class:`TestbedBlocks`, ``"chat"``: :class:`TestbedChats`), ``feature_layer`` (must be the model's
             ``vision_feature_layer``), ``epochs``, ``batch_size``, ``learning_rate``, ``warmup_ratio``, ``seed``, ``lora``
             (null or ``{"r": ..., "alpha": ..., "target_modules": [...]}``), ``image_size``, ``logging_steps``,
-            ``save_steps``, ``max_minutes`` (stop early after this much wall time, null: no limit).
+            ``save_steps``, ``max_minutes`` (stop early after this much wall time, null: no limit), ``align``
+            (null, or the keyword arguments of :func:`eval.testbed.align.align_projector` but ``seed``: the
+            projector is first regressed onto the patches' word targets, saved as
+            ``output_dir/aligned_projector.safetensors`` and reused from there on a rerun; then the language-model
+            stage starts from it).
         pipeline: the testbed pipeline (unpatched: the encoder is unmodified during training).
         output_dir: where checkpoints (``checkpoint-*``, resumable) and results go.
 
@@ -341,6 +371,12 @@ def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
                          f"say feature_layer={cfg['feature_layer']}; build the base with the same feature layer.")
     if not cfg["train_projector"] and not cfg.get("lora"):
         raise ValueError("train_projector=false with lora=null leaves nothing to train; enable one of them.")
+    if cfg.get("align"):
+        allowed = {"num_images", "epochs", "learning_rate", "object_weight", "val_images", "batch_patches"}
+        unknown = set(cfg["align"]) - allowed
+        if unknown or not {"num_images", "epochs"} <= set(cfg["align"]):
+            raise ValueError(f"align takes num_images and epochs (required) and {sorted(allowed - {'num_images', 'epochs'})}; "
+                             f"got {sorted(cfg['align'])}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = settings_record(cfg)
@@ -355,6 +391,7 @@ def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
         settings_file.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
     model = pipeline.model
+    align_result = _align_stage(cfg, pipeline, out) if cfg.get("align") else None
     train_projector = cfg["train_projector"]
     for name, p in model.named_parameters():
         p.requires_grad = train_projector and ".multi_modal_projector." in name
@@ -411,7 +448,7 @@ def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
     save_file(projector_state(_base_model(model)), str(out / "projector.safetensors"))
     if cfg.get("lora"):
         model.save_pretrained(str(out / "lora"))
-    summary = {**record, "trainable_parameters": trainable, "images": len(dataset),
+    summary = {**record, "align_result": align_result, "trainable_parameters": trainable, "images": len(dataset),
                "steps": trainer.state.global_step, "train_loss": result.training_loss,
                "seconds_this_session": round(time.time() - started, 1),
                "log_history": trainer.state.log_history}
