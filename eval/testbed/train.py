@@ -255,6 +255,19 @@ def supervised_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
+def _load_projector(model, path: Path) -> None:
+    """Load the projector weights ``path`` (:func:`~eval.testbed.model.projector_state` keys) into ``model``.
+
+    Raises:
+        ValueError: the file holds keys the model does not have.
+    """
+    from safetensors.torch import load_file
+
+    result = model.load_state_dict(load_file(str(path)), strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{path} holds keys the model does not have: {result.unexpected_keys[:3]}")
+
+
 class ProjectorCheckpoints(TrainerCallback):
     """Keeps the projector in every checkpoint as ``projector.safetensors`` and restores it on resume.
 
@@ -279,15 +292,11 @@ class ProjectorCheckpoints(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.resume_from is None:
             return
-        from safetensors.torch import load_file
-
         path = self.resume_from / "projector.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing, so the projector cannot be resumed; delete the checkpoint "
                                     "folder to start over.")
-        result = _base_model(model).load_state_dict(load_file(str(path)), strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"{path} holds keys the model does not have: {result.unexpected_keys[:3]}")
+        _load_projector(_base_model(model), path)
 
 
 class ProjectorTrainer(Trainer):
@@ -312,19 +321,37 @@ def settings_record(cfg: dict) -> dict:
     return record
 
 
+_ALIGN_SET_HERE = {"seed", "image_size", "progress"}
+"""Keyword arguments of :func:`eval.testbed.align.align_projector` that the training settings fill in themselves."""
+
+
+def _check_align(align: dict) -> None:
+    """Raise ValueError unless ``align`` holds exactly keyword arguments of ``align_projector`` it may set, and
+    its required ones (read from the function's signature, so the two cannot drift apart)."""
+    import inspect
+
+    from .align import align_projector
+
+    params = {n: p for n, p in inspect.signature(align_projector).parameters.items()
+              if p.kind is p.KEYWORD_ONLY and n not in _ALIGN_SET_HERE}
+    required = [n for n, p in params.items() if p.default is p.empty]  # in signature order
+    if set(align) - set(params) or not set(required) <= set(align):
+        optional = [n for n in params if n not in required]
+        raise ValueError(f"align takes {', '.join(required)} (required) and {', '.join(optional)}; got "
+                         f"{', '.join(sorted(align))}")
+
+
 def _align_stage(cfg: dict, pipeline, out: Path) -> dict:
     """Align the projector (:func:`eval.testbed.align.align_projector`) once per output folder; a rerun loads the
     saved result instead of computing it again. Returns the alignment's result record."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from .align import align_projector
 
     weights, record = out / "aligned_projector.safetensors", out / "align_result.json"
     model = pipeline.model
     if weights.is_file() and record.is_file():
-        result = model.load_state_dict(load_file(str(weights)), strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"{weights} holds keys the model does not have: {result.unexpected_keys[:3]}")
+        _load_projector(model, weights)
         logger.info("reusing the aligned projector in %s", weights)
         return json.loads(record.read_text(encoding="utf-8"))
     started = time.time()
@@ -372,11 +399,7 @@ def train(cfg: dict, pipeline, output_dir: str | Path) -> dict:
     if not cfg["train_projector"] and not cfg.get("lora"):
         raise ValueError("train_projector=false with lora=null leaves nothing to train; enable one of them.")
     if cfg.get("align"):
-        allowed = {"num_images", "epochs", "learning_rate", "object_weight", "val_images", "batch_patches"}
-        unknown = set(cfg["align"]) - allowed
-        if unknown or not {"num_images", "epochs"} <= set(cfg["align"]):
-            raise ValueError(f"align takes num_images and epochs (required) and {sorted(allowed - {'num_images', 'epochs'})}; "
-                             f"got {sorted(cfg['align'])}")
+        _check_align(cfg["align"])
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = settings_record(cfg)
